@@ -1,0 +1,11 @@
+//! lfm-core: LiquidAI's LFM2.5-VL on ONNX Runtime, in pure Rust.
+//!
+//! Preprocessing ([`preproc`]), options and errors build without ONNX Runtime
+//! (`--no-default-features --features decoders`); the engine needs the `inference` feature.
+
+pub mod error;
+pub mod options;
+pub mod preproc;
+
+pub use error::{Error, Result};
+pub use options::{EngineOptions, ImageBudget, Limits, RequestOptions};

@@ -1,0 +1,124 @@
+//! Image files to RGB pixels, the way transformers' `load_image` reads them: EXIF
+//! orientation applied, alpha dropped (not composited), grayscale replicated.
+//!
+//! The header is read first, so that oversized images are refused before any pixel buffer
+//! is allocated.
+
+use std::io::Cursor;
+
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageDecoder, ImageReader};
+
+use crate::error::{Error, Result, catch_panic};
+
+use super::RgbImage;
+
+/// Size caps applied while reading an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// Longest accepted side, in pixels.
+    pub max_side: u32,
+    /// Largest accepted decoded buffer (width x height x 4 bytes).
+    pub max_decoded_bytes: u64,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        let l = crate::options::Limits::default();
+        DecodeLimits { max_side: l.max_image_side, max_decoded_bytes: l.max_decoded_image_bytes }
+    }
+}
+
+impl From<&crate::options::Limits> for DecodeLimits {
+    fn from(l: &crate::options::Limits) -> Self {
+        DecodeLimits { max_side: l.max_image_side, max_decoded_bytes: l.max_decoded_image_bytes }
+    }
+}
+
+/// What the header says: the size after EXIF orientation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageHeader {
+    pub width: u32,
+    pub height: u32,
+    pub orientation: Orientation,
+}
+
+fn decode_err(e: impl std::fmt::Display) -> Error {
+    Error::ImageDecode { detail: e.to_string() }
+}
+
+fn swaps_axes(o: Orientation) -> bool {
+    matches!(
+        o,
+        Orientation::Rotate90 | Orientation::Rotate270 | Orientation::Rotate90FlipH | Orientation::Rotate270FlipH
+    )
+}
+
+fn open(bytes: &[u8]) -> Result<impl ImageDecoder + use<'_>> {
+    if bytes.is_empty() {
+        return Err(decode_err("empty input (0 bytes)"));
+    }
+    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(decode_err)?;
+    if reader.format().is_none() {
+        return Err(decode_err("unrecognised format (supported: JPEG, PNG, WebP)"));
+    }
+    reader.into_decoder().map_err(decode_err)
+}
+
+fn check_header(dec: &mut impl ImageDecoder, limits: &DecodeLimits) -> Result<ImageHeader> {
+    let (w, h) = dec.dimensions();
+    // A broken EXIF block is not worth refusing the image for: PIL ignores it too.
+    let orientation = dec.orientation().unwrap_or(Orientation::NoTransforms);
+    let (width, height) = if swaps_axes(orientation) { (h, w) } else { (w, h) };
+    for (field, v) in [("width", width), ("height", height)] {
+        if v > limits.max_side {
+            return Err(Error::ImageTooLarge { field, value: v as u64, limit: limits.max_side as u64 });
+        }
+    }
+    let bytes = width as u64 * height as u64 * 4;
+    if bytes > limits.max_decoded_bytes {
+        return Err(Error::ImageTooLarge { field: "decoded size in bytes", value: bytes, limit: limits.max_decoded_bytes });
+    }
+    if width == 0 || height == 0 {
+        return Err(Error::ImageTooSmall { width, height });
+    }
+    Ok(ImageHeader { width, height, orientation })
+}
+
+/// Reads only the header: oriented size, checked against `limits`.
+pub fn probe(bytes: &[u8], limits: &DecodeLimits) -> Result<ImageHeader> {
+    catch_panic("image header", || check_header(&mut open(bytes)?, limits))
+}
+
+/// Decodes `bytes` (JPEG, PNG or WebP) to RGB with the EXIF orientation applied.
+pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage> {
+    catch_panic("image decode", || {
+        let mut dec = open(bytes)?;
+        let header = check_header(&mut dec, limits)?;
+        let mut il = image::Limits::default();
+        il.max_image_width = Some(limits.max_side);
+        il.max_image_height = Some(limits.max_side);
+        il.max_alloc = Some(limits.max_decoded_bytes.saturating_mul(2));
+        dec.set_limits(il).map_err(decode_err)?;
+        let mut img = DynamicImage::from_decoder(dec).map_err(decode_err)?;
+        img.apply_orientation(header.orientation);
+        Ok(to_rgb(img))
+    })
+}
+
+/// RGB8 as PIL's `convert("RGB")` gives it: alpha dropped, gray replicated, 16-bit samples
+/// reduced to their high byte.
+fn to_rgb(img: DynamicImage) -> RgbImage {
+    let (width, height) = (img.width(), img.height());
+    let data = match img {
+        DynamicImage::ImageRgb8(b) => b.into_raw(),
+        DynamicImage::ImageRgb16(b) => b.into_raw().iter().map(|v| (v >> 8) as u8).collect(),
+        DynamicImage::ImageRgba16(b) => {
+            b.into_raw().chunks_exact(4).flat_map(|p| [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8]).collect()
+        }
+        DynamicImage::ImageLuma16(b) => b.into_raw().iter().flat_map(|v| [(v >> 8) as u8; 3]).collect(),
+        DynamicImage::ImageLumaA16(b) => b.into_raw().chunks_exact(2).flat_map(|p| [(p[0] >> 8) as u8; 3]).collect(),
+        other => other.to_rgb8().into_raw(),
+    };
+    RgbImage { width, height, data }
+}

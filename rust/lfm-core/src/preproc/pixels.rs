@@ -1,0 +1,157 @@
+//! The pixel pipeline: resize (bilinear with antialias, as torchvision/PIL do it), cut the
+//! tiles row-major, add the thumbnail, flatten 16x16 patches as (dy, dx, channel), and
+//! normalise to [-1, 1].
+
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+
+use crate::error::{Error, Result};
+
+use super::plan::{Geometry, TileGrid};
+use super::RgbImage;
+
+/// Model-ready tensors for one image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreprocessedImage {
+    /// `[num_entries, patches_per_entry, patch_dim]`, row-major.
+    pub pixel_values: Vec<f32>,
+    /// `[num_entries, patches_per_entry]`: 1 for real patches, 0 for padding.
+    pub pixel_attention_mask: Vec<i64>,
+    /// `[num_entries, 2]`: (patch rows, patch cols) of each entry, unpadded.
+    pub spatial_shapes: Vec<i64>,
+    pub num_entries: usize,
+    pub patches_per_entry: usize,
+    pub patch_dim: usize,
+    pub grid: TileGrid,
+}
+
+/// Resizes `src` to `width x height` with PIL-compatible bilinear convolution (antialiased
+/// when shrinking), the filter transformers' image processor uses.
+pub fn resize(src: &RgbImage, width: usize, height: usize) -> Result<RgbImage> {
+    if (src.width as usize, src.height as usize) == (width, height) {
+        return Ok(src.clone());
+    }
+    let view = ImageRef::new(src.width, src.height, &src.data, PixelType::U8x3)
+        .map_err(|e| Error::Internal(format!("resize source: {e}")))?;
+    let mut dst = Image::new(width as u32, height as u32, PixelType::U8x3);
+    let opts = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    Resizer::new().resize(&view, &mut dst, &opts).map_err(|e| Error::Internal(format!("resize: {e}")))?;
+    Ok(RgbImage { width: width as u32, height: height as u32, data: dst.into_vec() })
+}
+
+/// Byte to model input: (b/255 - 0.5) / 0.5, computed as transformers' fused normalise does.
+#[inline]
+fn normalise(b: u8) -> f32 {
+    (b as f32 - 127.5) / 127.5
+}
+
+/// Runs the pixel pipeline for `image` under an already computed `grid`.
+pub fn preprocess_with_grid(image: &RgbImage, grid: &TileGrid) -> Result<PreprocessedImage> {
+    let g = Geometry::LFM2_VL;
+    let p = g.patch_size;
+    let patch_dim = p * p * 3;
+
+    // Entries as (source image, x0, y0, h, w): crops of the resized canvas, then the thumbnail.
+    let (th, tw) = grid.tile;
+    let canvas = resize(image, grid.cols * tw, grid.rows * th)?;
+    let thumb = match grid.thumbnail {
+        Some((h, w)) => Some(resize(image, w, h)?),
+        None => None,
+    };
+    let mut entries: Vec<(&RgbImage, usize, usize, usize, usize)> = Vec::with_capacity(grid.num_entries());
+    for r in 0..grid.rows {
+        for c in 0..grid.cols {
+            entries.push((&canvas, c * tw, r * th, th, tw));
+        }
+    }
+    if let (Some(t), Some((h, w))) = (thumb.as_ref(), grid.thumbnail) {
+        entries.push((t, 0, 0, h, w));
+    }
+
+    let max_hp = entries.iter().map(|e| e.3 / p).max().unwrap_or(0);
+    let max_wp = entries.iter().map(|e| e.4 / p).max().unwrap_or(0);
+    let per_entry = max_hp * max_wp;
+    let n = entries.len();
+    let mut pixel_values = vec![0f32; n * per_entry * patch_dim];
+    let mut mask = vec![0i64; n * per_entry];
+    let mut shapes = Vec::with_capacity(n * 2);
+
+    for (e, &(src, x0, y0, h, w)) in entries.iter().enumerate() {
+        let (hp, wp) = (h / p, w / p);
+        shapes.extend([hp as i64, wp as i64]);
+        mask[e * per_entry..e * per_entry + hp * wp].fill(1);
+        let stride = src.width as usize * 3;
+        for py in 0..hp {
+            for px in 0..wp {
+                let base = (e * per_entry + py * wp + px) * patch_dim;
+                for dy in 0..p {
+                    let row = (y0 + py * p + dy) * stride + (x0 + px * p) * 3;
+                    let out = &mut pixel_values[base + dy * p * 3..base + (dy + 1) * p * 3];
+                    for (o, &b) in out.iter_mut().zip(&src.data[row..row + p * 3]) {
+                        *o = normalise(b);
+                    }
+                }
+            }
+        }
+    }
+    Ok(PreprocessedImage {
+        pixel_values,
+        pixel_attention_mask: mask,
+        spatial_shapes: shapes,
+        num_entries: n,
+        patches_per_entry: per_entry,
+        patch_dim,
+        grid: *grid,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn solid(w: u32, h: u32, rgb: [u8; 3]) -> RgbImage {
+        RgbImage { width: w, height: h, data: rgb.iter().copied().cycle().take((w * h * 3) as usize).collect() }
+    }
+
+    #[test]
+    fn red_square_first_patch() {
+        let img = solid(256, 256, [255, 0, 0]);
+        let grid = super::super::plan::plan(256, 256, &Default::default()).unwrap();
+        let pre = preprocess_with_grid(&img, &grid).unwrap();
+        assert_eq!(&pre.pixel_values[..3], &[1.0, -1.0, -1.0]);
+        assert_eq!(pre.spatial_shapes, vec![16, 16]);
+        assert_eq!(pre.patches_per_entry, 256);
+    }
+
+    #[test]
+    fn multi_tile_layout_and_padding() {
+        let img = solid(1920, 1080, [0, 255, 0]);
+        let grid = super::super::plan::plan(1920, 1080, &Default::default()).unwrap();
+        let pre = preprocess_with_grid(&img, &grid).unwrap();
+        assert_eq!(pre.num_entries, 9);
+        // tiles are 32x32 patches, the thumbnail 24x42: padded per axis to 32x42
+        assert_eq!(pre.patches_per_entry, 32 * 42);
+        assert_eq!(&pre.spatial_shapes[16..], &[24, 42]);
+        let real: i64 = pre.pixel_attention_mask[8 * pre.patches_per_entry..].iter().sum();
+        assert_eq!(real, 24 * 42);
+    }
+
+    #[test]
+    fn patch_values_are_row_then_column_then_channel() {
+        // 32x32 image whose pixel (x, y) is (x, y, 7): the first patch's second value-triple
+        // is pixel (1, 0) and its 17th triple is pixel (0, 1).
+        let mut data = Vec::new();
+        for y in 0..32u8 {
+            for x in 0..32u8 {
+                data.extend([x, y, 7]);
+            }
+        }
+        let img = RgbImage { width: 32, height: 32, data };
+        let grid = TileGrid::new(1, 1, (32, 32), None).unwrap();
+        let pre = preprocess_with_grid(&img, &grid).unwrap();
+        assert_eq!(pre.pixel_values[3], normalise(1));
+        assert_eq!(pre.pixel_values[16 * 3 + 1], normalise(1));
+        // second patch starts at pixel (16, 0)
+        assert_eq!(pre.pixel_values[768], normalise(16));
+    }
+}
