@@ -9,3 +9,5 @@ pub mod preproc;
 
 pub use error::{Error, Result};
 pub use options::{EngineOptions, ImageBudget, Limits, RequestOptions};
+#[cfg(feature = "inference")]
+pub mod chat;
