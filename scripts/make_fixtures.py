@@ -262,8 +262,10 @@ def preprocess_case(image_proc, proc, w, h, budget):
     img = L.grad_image(w, h)
     rec = {"width": w, "height": h, "budget": budget}
     try:
-        r = image_proc([img], do_image_splitting=True, return_row_col_info=True, return_tensors="np", **kw)
-        text = proc(images=[[img]], text=["<image>"], return_tensors="np", **kw)
+        r = image_proc([img], do_image_splitting=True, return_row_col_info=True, return_tensors="np",
+                       input_data_format="channels_last", **kw)
+        text = proc(images=[[img]], text=["<image>"], return_tensors="np", input_data_format="channels_last",
+                    **kw)
     except Exception as e:  # noqa: BLE001 - recorded as the golden outcome
         rec["error"] = f"{type(e).__name__}: {e}"
         return rec
@@ -300,6 +302,8 @@ def golden_preprocess(proc):
             cases.append(preprocess_case(image_proc, proc, w, h, budget))
     return {"image_processor": type(image_proc).__name__, "image": "grad pattern (see README)",
             "sample_target": SAMPLE_TARGET,
+            "input_data_format": "channels_last (passed explicitly: without it transformers guesses the "
+                                 "layout and reads an HxWx3 array with H = 1 or 3 as channels-first)",
             "level_encoding": "uint8 = clip(rint(v * 127.5 + 127.5), 0, 255), rint = half to even",
             "budgets": BUDGETS, "cases": cases}
 
@@ -356,7 +360,9 @@ CHAT_CASES = [
      None, False),
     ("think_tag_in_non_last_content", [{"role": "user", "content": "Q1"},
                                        {"role": "assistant", "content": "<think>old reasoning</think>\n  A1  "},
-                                       {"role": "user", "content": "Q2"}], None, True),
+                                       {"role": "user", "content": "Q2"},
+                                       {"role": "assistant", "content": "A2"},
+                                       {"role": "user", "content": "Q3"}], None, True),
     ("think_tag_in_last_content", [{"role": "user", "content": "Q1"},
                                    {"role": "assistant", "content": "<think>kept</think> A1"}], None, False),
     ("tools", [{"role": "user", "content": "Weather in Paris?"}], TOOLS, True),
@@ -474,10 +480,12 @@ def golden_generate(name, model, proc, onnx_dir, check_ort):
         kw = BUDGETS[budget]
         imgs = [L.grad_image(w, h) for w, h in sizes]
         prompt = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = proc(images=[imgs] if imgs else None, text=[prompt], return_tensors="pt", **kw)
+        inputs = proc(images=[imgs] if imgs else None, text=[prompt], return_tensors="pt",
+                      input_data_format="channels_last", **kw)
         ids = inputs["input_ids"][0].tolist()
         new, stopped, first = _generate(model, inputs, 1.0)
         new_rp, stopped_rp, _ = _generate(model, inputs, 1.05)
+        new_rp15, stopped_rp15, _ = _generate(model, inputs, 1.5)
         cases.append({
             "name": cname, "budget": budget, "messages": messages,
             "images": [L.image_spec(w, h) for w, h in sizes], "prompt_text": prompt,
@@ -486,11 +494,12 @@ def golden_generate(name, model, proc, onnx_dir, check_ort):
             "new_ids": new, "stopped_on_eos": stopped,
             "first_logits": [L.round_sig(v) for v in first],
             "new_ids_rep_penalty_1_05": new_rp, "stopped_on_eos_rep_penalty_1_05": stopped_rp,
+            "new_ids_rep_penalty_1_5": new_rp15, "stopped_on_eos_rep_penalty_1_5": stopped_rp15,
         })
         if runner is not None:
             per_image, total = [], 0
             for im in imgs:  # one vision call per image
-                r = proc.image_processor([im], return_tensors="np", **kw)
+                r = proc.image_processor([im], return_tensors="np", input_data_format="channels_last", **kw)
                 per_image.append((r["pixel_values"], r["pixel_attention_mask"], r["spatial_shapes"]))
                 total += r["pixel_values"].shape[0]
             if imgs:

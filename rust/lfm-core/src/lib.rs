@@ -11,3 +11,6 @@ pub use error::{Error, Result};
 pub use options::{EngineOptions, ImageBudget, Limits, RequestOptions};
 #[cfg(feature = "inference")]
 pub mod chat;
+#[cfg(feature = "inference")]
+pub mod runtime;
+pub mod sampling;

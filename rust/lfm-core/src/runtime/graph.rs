@@ -1,0 +1,143 @@
+//! One ONNX graph: its session, and its inputs and outputs as read from the file.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::{DynValue, TensorElementType, ValueType};
+
+use crate::error::{Error, Result};
+
+use super::tensor::FloatType;
+
+/// An input or output of a graph: name, element type, and dims (-1 where symbolic).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Port {
+    pub name: String,
+    pub ty: Option<TensorElementType>,
+    pub dims: Vec<i64>,
+}
+
+impl Port {
+    fn from_outlet(name: &str, ty: &ValueType) -> Port {
+        Port {
+            name: name.to_string(),
+            ty: ty.tensor_type(),
+            dims: ty.tensor_shape().map(|s| s.to_vec()).unwrap_or_default(),
+        }
+    }
+
+    /// Fixed size of axis `i`, if the graph declares one.
+    pub fn fixed(&self, i: usize) -> Option<usize> {
+        self.dims.get(i).and_then(|&d| usize::try_from(d).ok())
+    }
+
+    pub fn float_type(&self) -> Option<FloatType> {
+        self.ty.and_then(FloatType::from_ort)
+    }
+
+    fn describe(&self) -> String {
+        let dims: Vec<String> = self.dims.iter().map(|d| if *d < 0 { "?".into() } else { d.to_string() }).collect();
+        format!("{:?} [{}]", self.ty, dims.join(", "))
+    }
+}
+
+/// Session settings shared by the three graphs.
+#[derive(Debug, Clone, Default)]
+pub struct SessionConfig {
+    pub intra_threads: Option<usize>,
+    pub inter_threads: Option<usize>,
+}
+
+/// A loaded graph. ONNX Runtime sessions run one call at a time (`run` takes `&mut`), so
+/// the session sits behind a mutex.
+pub struct Graph {
+    pub path: PathBuf,
+    pub inputs: Vec<Port>,
+    pub outputs: Vec<Port>,
+    session: Mutex<Session>,
+}
+
+impl std::fmt::Debug for Graph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Graph").field("path", &self.path).field("inputs", &self.inputs).finish()
+    }
+}
+
+impl Graph {
+    pub fn load(path: &Path, config: &SessionConfig) -> Result<Graph> {
+        if !path.exists() {
+            return Err(Error::NotFound { path: path.to_path_buf() });
+        }
+        let load_err = |e: ort::Error| Error::model_load(path, format!("ONNX Runtime cannot load it: {e}"));
+        let mut builder = Session::builder().map_err(load_err)?;
+        builder = builder.with_optimization_level(GraphOptimizationLevel::Level3).map_err(|e| load_err(e.into()))?;
+        if let Some(n) = config.intra_threads {
+            builder = builder.with_intra_threads(n).map_err(|e| load_err(e.into()))?;
+        }
+        if let Some(n) = config.inter_threads {
+            builder = builder.with_inter_threads(n).map_err(|e| load_err(e.into()))?;
+            if n > 1 {
+                builder = builder.with_parallel_execution(true).map_err(|e| load_err(e.into()))?;
+            }
+        }
+        let session = builder.commit_from_file(path).map_err(load_err)?;
+        let inputs = session.inputs().iter().map(|o| Port::from_outlet(o.name(), o.dtype())).collect();
+        let outputs = session.outputs().iter().map(|o| Port::from_outlet(o.name(), o.dtype())).collect();
+        Ok(Graph { path: path.to_path_buf(), inputs, outputs, session: Mutex::new(session) })
+    }
+
+    pub fn input(&self, name: &str) -> Option<&Port> {
+        self.inputs.iter().find(|p| p.name == name)
+    }
+
+    pub fn output(&self, name: &str) -> Option<&Port> {
+        self.outputs.iter().find(|p| p.name == name)
+    }
+
+    /// A load error naming this graph's file.
+    pub fn error(&self, detail: impl Into<String>) -> Error {
+        Error::model_load(&self.path, detail)
+    }
+
+    /// Checks that `port` is a float tensor of `rank` whose listed axes have the given
+    /// fixed sizes (`None`: must be present as a fixed size, any value).
+    pub fn expect_float(&self, port: Option<&Port>, name: &str, rank: usize, shape_doc: &str) -> Result<Port> {
+        let p = port.ok_or_else(|| self.error(format!("missing `{name}` (expected float {shape_doc})")))?;
+        if p.float_type().is_none() || p.dims.len() != rank {
+            return Err(self.error(format!("`{name}` must be float32 or float16 {shape_doc}, got {}", p.describe())));
+        }
+        Ok(p.clone())
+    }
+
+    /// Checks that `port` is an int64 tensor of `rank`.
+    pub fn expect_int64(&self, port: Option<&Port>, name: &str, rank: usize, shape_doc: &str) -> Result<Port> {
+        let p = port.ok_or_else(|| self.error(format!("missing `{name}` (expected int64 {shape_doc})")))?;
+        if p.ty != Some(TensorElementType::Int64) || p.dims.len() != rank {
+            return Err(self.error(format!("`{name}` must be int64 {shape_doc}, got {}", p.describe())));
+        }
+        Ok(p.clone())
+    }
+
+    /// The fixed size of `axis` of `port`, or an error naming the width that cannot be read.
+    pub fn width(&self, port: &Port, axis: usize, what: &str) -> Result<usize> {
+        port.fixed(axis).filter(|&w| w > 0).ok_or_else(|| {
+            self.error(format!("`{}` axis {axis} ({what}) must have a fixed size, got {}", port.name, port.describe()))
+        })
+    }
+
+    /// Runs the graph on named inputs; returns every output, owned, in graph order.
+    pub fn run(&self, stage: &'static str, inputs: Vec<(&str, ort::session::SessionInputValue<'_>)>) -> Result<Vec<(String, DynValue)>> {
+        let mut session = self.session.lock().map_err(|_| Error::Internal(format!("{stage}: session lock poisoned")))?;
+        let mut out = session.run(inputs).map_err(|e| Error::inference(stage, e))?;
+        self.outputs
+            .iter()
+            .map(|p| {
+                out.remove(&p.name)
+                    .map(|v| (p.name.clone(), v))
+                    .ok_or_else(|| Error::inference(stage, format!("output `{}` missing", p.name)))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,356 @@
+//! The three graphs of LFM2-VL as one model: contracts checked at load time, widths read
+//! from the graphs, and the hybrid (conv state / key-value) decoder cache.
+
+use std::path::PathBuf;
+
+use ort::session::SessionInputValue;
+use ort::value::DynValue;
+
+use crate::error::{Error, Result};
+use crate::preproc::PreprocessedImage;
+
+use super::graph::{Graph, Port, SessionConfig};
+use super::tensor::{FloatType, check_finite, float_value, i64_value, read_floats};
+
+/// Where the three graph files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraphPaths {
+    pub vision_encoder: PathBuf,
+    pub embed_tokens: PathBuf,
+    pub decoder: PathBuf,
+}
+
+/// The two kinds of decoder layer in the LFM2 hybrid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerKind {
+    /// Gated short convolution; its cache is the last `conv_width` columns.
+    Conv,
+    /// Grouped-query attention; its cache is keys and values of every past position.
+    Attention,
+}
+
+/// What the graphs say about the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSpec {
+    /// Hidden width of the language model.
+    pub hidden: usize,
+    /// Logits per position.
+    pub vocab: usize,
+    /// Values per vision patch (16 * 16 * 3).
+    pub patch_dim: usize,
+    /// Layer kinds in layer order, as the decoder's cache inputs declare them.
+    pub layers: Vec<LayerKind>,
+    /// Conv state: `[batch, conv_channels, conv_width]`.
+    pub conv_channels: usize,
+    pub conv_width: usize,
+    /// Attention cache: `[batch, kv_heads, positions, head_dim]`.
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub vision_float: FloatType,
+    pub embeds_float: FloatType,
+    pub cache_float: FloatType,
+}
+
+/// One layer's cache.
+pub enum LayerCache {
+    Conv { state: DynValue },
+    Attention { key: DynValue, value: DynValue },
+}
+
+/// The per-layer hybrid cache of one sequence, and how many positions it holds.
+pub struct HybridCache {
+    pub layers: Vec<LayerCache>,
+    pub past_len: usize,
+}
+
+fn past_conv(i: usize) -> String {
+    format!("past_conv.{i}")
+}
+fn present_conv(i: usize) -> String {
+    format!("present_conv.{i}")
+}
+fn past_kv(i: usize, part: &str) -> String {
+    format!("past_key_values.{i}.{part}")
+}
+fn present_kv(i: usize, part: &str) -> String {
+    format!("present.{i}.{part}")
+}
+
+/// Reads the layer layout from the decoder's cache inputs (`past_conv.N`,
+/// `past_key_values.N.key/value`): every index from 0 must be exactly one kind.
+fn discover_layers(dec: &Graph) -> Result<Vec<LayerKind>> {
+    let mut kinds: Vec<Option<LayerKind>> = Vec::new();
+    let mut set = |i: usize, k: LayerKind, name: &str| -> Result<()> {
+        if kinds.len() <= i {
+            kinds.resize(i + 1, None);
+        }
+        match kinds[i] {
+            Some(prev) if prev != k => Err(dec.error(format!("layer {i} is both conv and attention (`{name}`)"))),
+            _ => {
+                kinds[i] = Some(k);
+                Ok(())
+            }
+        }
+    };
+    for p in &dec.inputs {
+        let n = p.name.as_str();
+        if n == "inputs_embeds" || n == "attention_mask" {
+            continue;
+        }
+        let parsed = if let Some(i) = n.strip_prefix("past_conv.") {
+            i.parse().ok().map(|i| (i, LayerKind::Conv))
+        } else if let Some(rest) = n.strip_prefix("past_key_values.") {
+            rest.strip_suffix(".key").or_else(|| rest.strip_suffix(".value")).and_then(|i| i.parse().ok()).map(|i| (i, LayerKind::Attention))
+        } else {
+            None
+        };
+        match parsed {
+            Some((i, k)) => set(i, k, n)?,
+            None => {
+                return Err(dec.error(format!(
+                    "unexpected input `{n}`: the decoder takes inputs_embeds, attention_mask, past_conv.N and \
+                     past_key_values.N.key/value (positions come from the cache length, so no position_ids)"
+                )));
+            }
+        }
+    }
+    if kinds.is_empty() {
+        return Err(dec.error("no cache inputs (past_conv.N / past_key_values.N.key): not an LFM2 decoder with a cache"));
+    }
+    kinds
+        .into_iter()
+        .enumerate()
+        .map(|(i, k)| k.ok_or_else(|| dec.error(format!("layer {i} has no cache input"))))
+        .collect()
+}
+
+/// The loaded graphs.
+pub struct Model {
+    pub spec: ModelSpec,
+    vision: Graph,
+    embed: Graph,
+    decoder: Graph,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("spec", &self.spec).finish()
+    }
+}
+
+impl Model {
+    pub fn load(paths: &GraphPaths, config: &SessionConfig) -> Result<Model> {
+        let vision = Graph::load(&paths.vision_encoder, config)?;
+        let embed = Graph::load(&paths.embed_tokens, config)?;
+        let decoder = Graph::load(&paths.decoder, config)?;
+        let spec = Self::check_contracts(&vision, &embed, &decoder)?;
+        Ok(Model { spec, vision, embed, decoder })
+    }
+
+    fn check_contracts(vision: &Graph, embed: &Graph, dec: &Graph) -> Result<ModelSpec> {
+        // vision_encoder
+        let pv = vision.expect_float(vision.input("pixel_values"), "pixel_values", 3, "[batch, patches, patch_dim]")?;
+        vision.expect_int64(vision.input("pixel_attention_mask"), "pixel_attention_mask", 2, "[batch, patches]")?;
+        vision.expect_int64(vision.input("spatial_shapes"), "spatial_shapes", 2, "[batch, 2]")?;
+        let feats = vision.expect_float(vision.output("image_features"), "image_features", 2, "[image_tokens, hidden]")?;
+        let patch_dim = vision.width(&pv, 2, "patch values")?;
+        let vision_hidden = vision.width(&feats, 1, "hidden size")?;
+        if vision.inputs.len() != 3 {
+            return Err(vision.error(format!("expected 3 inputs, found {}: is this the vision encoder?", vision.inputs.len())));
+        }
+
+        // embed_tokens
+        embed.expect_int64(embed.input("input_ids"), "input_ids", 2, "[batch, sequence]")?;
+        let emb = embed.expect_float(embed.output("inputs_embeds"), "inputs_embeds", 3, "[batch, sequence, hidden]")?;
+        let embed_hidden = embed.width(&emb, 2, "hidden size")?;
+        if embed.inputs.len() != 1 {
+            return Err(embed.error(format!("expected 1 input (input_ids), found {}", embed.inputs.len())));
+        }
+
+        // decoder
+        let din = dec.expect_float(dec.input("inputs_embeds"), "inputs_embeds", 3, "[batch, sequence, hidden]")?;
+        dec.expect_int64(dec.input("attention_mask"), "attention_mask", 2, "[batch, total_sequence]")?;
+        let logits = dec.expect_float(dec.output("logits"), "logits", 3, "[batch, sequence, vocab]")?;
+        let hidden = dec.width(&din, 2, "hidden size")?;
+        let vocab = dec.width(&logits, 2, "vocabulary")?;
+        let layers = discover_layers(dec)?;
+
+        let mut conv: Option<(usize, usize)> = None;
+        let mut kv: Option<(usize, usize)> = None;
+        let mut cache_float = None;
+        let agree = |port: &Port, got: (usize, usize), slot: &mut Option<(usize, usize)>| -> Result<()> {
+            match *slot {
+                Some(want) if want != got => Err(dec.error(format!("`{}` has widths {got:?}, other layers {want:?}", port.name))),
+                _ => {
+                    *slot = Some(got);
+                    Ok(())
+                }
+            }
+        };
+        for (i, kind) in layers.iter().enumerate() {
+            let pairs: Vec<(String, String)> = match kind {
+                LayerKind::Conv => vec![(past_conv(i), present_conv(i))],
+                LayerKind::Attention => {
+                    vec![(past_kv(i, "key"), present_kv(i, "key")), (past_kv(i, "value"), present_kv(i, "value"))]
+                }
+            };
+            for (past, present) in pairs {
+                let (rank, doc) = match kind {
+                    LayerKind::Conv => (3, "[batch, channels, width]"),
+                    LayerKind::Attention => (4, "[batch, kv_heads, positions, head_dim]"),
+                };
+                let p = dec.expect_float(dec.input(&past), &past, rank, doc)?;
+                let q = dec.expect_float(dec.output(&present), &present, rank, doc)?;
+                if p.float_type() != q.float_type() {
+                    return Err(dec.error(format!("`{past}` and `{present}` differ in element type")));
+                }
+                cache_float.get_or_insert(p.float_type());
+                let widths = match kind {
+                    LayerKind::Conv => (dec.width(&p, 1, "conv channels")?, dec.width(&p, 2, "conv width")?),
+                    LayerKind::Attention => (dec.width(&p, 1, "kv heads")?, dec.width(&p, 3, "head dim")?),
+                };
+                match kind {
+                    LayerKind::Conv => agree(&p, widths, &mut conv)?,
+                    LayerKind::Attention => agree(&p, widths, &mut kv)?,
+                }
+            }
+        }
+        if embed_hidden != hidden || vision_hidden != hidden {
+            return Err(dec.error(format!(
+                "hidden sizes disagree: decoder {hidden}, embed_tokens {embed_hidden}, vision_encoder {vision_hidden} \
+                 (graphs from different models?)"
+            )));
+        }
+        let float = |p: &Port| p.float_type().unwrap_or(FloatType::F32);
+        Ok(ModelSpec {
+            hidden,
+            vocab,
+            patch_dim,
+            conv_channels: conv.map_or(0, |c| c.0),
+            conv_width: conv.map_or(0, |c| c.1),
+            kv_heads: kv.map_or(0, |k| k.0),
+            head_dim: kv.map_or(0, |k| k.1),
+            layers,
+            vision_float: float(&pv),
+            embeds_float: float(&din),
+            cache_float: cache_float.flatten().unwrap_or(FloatType::F32),
+        })
+    }
+
+    /// Image features `[image_tokens * hidden]` of one image (all its tiles in one call).
+    pub fn encode_image(&self, pre: &PreprocessedImage) -> Result<Vec<f32>> {
+        const STAGE: &str = "vision_encoder";
+        if pre.patch_dim != self.spec.patch_dim {
+            return Err(Error::inference(STAGE, format!("patches have {} values, the graph takes {}", pre.patch_dim, self.spec.patch_dim)));
+        }
+        let (n, p) = (pre.num_entries, pre.patches_per_entry);
+        let pv = float_value(STAGE, self.spec.vision_float, &[n, p, pre.patch_dim], pre.pixel_values.clone())?;
+        let mask = i64_value(STAGE, &[n, p], pre.pixel_attention_mask.clone())?;
+        let shapes = i64_value(STAGE, &[n, 2], pre.spatial_shapes.clone())?;
+        let out = self.vision.run(
+            STAGE,
+            vec![("pixel_values", pv.into()), ("pixel_attention_mask", mask.into()), ("spatial_shapes", shapes.into())],
+        )?;
+        let (shape, feats) = read_floats(STAGE, &out[0].1, None)?;
+        let want = pre.grid.num_image_tokens();
+        if shape.len() != 2 || shape[0] as usize != want || shape[1] as usize != self.spec.hidden {
+            return Err(Error::inference(STAGE, format!("image_features has shape {shape:?}, expected [{want}, {}]", self.spec.hidden)));
+        }
+        check_finite(STAGE, &feats)?;
+        Ok(feats)
+    }
+
+    /// Token embeddings `[ids.len() * hidden]`.
+    pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        const STAGE: &str = "embed_tokens";
+        let input = i64_value(STAGE, &[1, ids.len()], ids.iter().map(|&i| i as i64).collect())?;
+        let out = self.embed.run(STAGE, vec![("input_ids", input.into())])?;
+        let (shape, emb) = read_floats(STAGE, &out[0].1, None)?;
+        if emb.len() != ids.len() * self.spec.hidden {
+            return Err(Error::inference(STAGE, format!("inputs_embeds has shape {shape:?} for {} ids", ids.len())));
+        }
+        check_finite(STAGE, &emb)?;
+        Ok(emb)
+    }
+
+    /// An empty cache: zero conv states, zero-length key/value tensors.
+    pub fn new_cache(&self) -> Result<HybridCache> {
+        const STAGE: &str = "decoder";
+        let s = &self.spec;
+        let layers = s
+            .layers
+            .iter()
+            .map(|k| {
+                Ok(match k {
+                    LayerKind::Conv => LayerCache::Conv {
+                        state: float_value(STAGE, s.cache_float, &[1, s.conv_channels, s.conv_width], vec![0.0; s.conv_channels * s.conv_width])?,
+                    },
+                    LayerKind::Attention => LayerCache::Attention {
+                        key: float_value(STAGE, s.cache_float, &[1, s.kv_heads, 0, s.head_dim], Vec::new())?,
+                        value: float_value(STAGE, s.cache_float, &[1, s.kv_heads, 0, s.head_dim], Vec::new())?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(HybridCache { layers, past_len: 0 })
+    }
+
+    /// Runs the decoder on `seq` new positions (`embeds` is `[seq * hidden]`), advances
+    /// `cache`, and returns the logits of the last position.
+    pub fn decode(&self, embeds: Vec<f32>, seq: usize, cache: &mut HybridCache) -> Result<Vec<f32>> {
+        const STAGE: &str = "decoder";
+        let s = &self.spec;
+        let total = cache.past_len + seq;
+        let x = float_value(STAGE, s.embeds_float, &[1, seq, s.hidden], embeds)?;
+        let mask = i64_value(STAGE, &[1, total], vec![1; total])?;
+        let names: Vec<(usize, String, Option<String>)> = cache
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| match l {
+                LayerCache::Conv { .. } => (i, past_conv(i), None),
+                LayerCache::Attention { .. } => (i, past_kv(i, "key"), Some(past_kv(i, "value"))),
+            })
+            .collect();
+        let mut inputs: Vec<(&str, SessionInputValue<'_>)> = vec![("inputs_embeds", x.into()), ("attention_mask", mask.into())];
+        for ((_, a, b), layer) in names.iter().zip(&cache.layers) {
+            match layer {
+                LayerCache::Conv { state } => inputs.push((a.as_str(), state.into())),
+                LayerCache::Attention { key, value } => {
+                    inputs.push((a.as_str(), key.into()));
+                    inputs.push((b.as_deref().unwrap_or_default(), value.into()));
+                }
+            }
+        }
+        let outputs = self.decoder.run(STAGE, inputs)?;
+
+        let mut logits = None;
+        let mut by_name: std::collections::HashMap<String, DynValue> = std::collections::HashMap::new();
+        for (name, v) in outputs {
+            if name == "logits" {
+                logits = Some(v);
+            } else {
+                by_name.insert(name, v);
+            }
+        }
+        let logits = logits.ok_or_else(|| Error::inference(STAGE, "no logits"))?;
+        let last = (seq - 1) * s.vocab..seq * s.vocab;
+        let (shape, row) = read_floats(STAGE, &logits, Some(last))?;
+        if shape.len() != 3 || shape[1] as usize != seq || shape[2] as usize != s.vocab {
+            return Err(Error::inference(STAGE, format!("logits have shape {shape:?}, expected [1, {seq}, {}]", s.vocab)));
+        }
+        check_finite(STAGE, &row)?;
+        let mut take = |name: String| by_name.remove(&name).ok_or_else(|| Error::inference(STAGE, format!("output `{name}` missing")));
+        for (i, layer) in cache.layers.iter_mut().enumerate() {
+            match layer {
+                LayerCache::Conv { state } => *state = take(present_conv(i))?,
+                LayerCache::Attention { key, value } => {
+                    *key = take(present_kv(i, "key"))?;
+                    *value = take(present_kv(i, "value"))?;
+                }
+            }
+        }
+        cache.past_len = total;
+        Ok(row)
+    }
+}
