@@ -14,3 +14,11 @@ pub mod chat;
 #[cfg(feature = "inference")]
 pub mod runtime;
 pub mod sampling;
+#[cfg(feature = "inference")]
+pub mod tokenizer;
+#[cfg(feature = "inference")]
+pub mod engine;
+#[cfg(feature = "inference")]
+pub mod files;
+pub mod request;
+pub mod admission;

@@ -5,6 +5,7 @@ pub mod decode;
 pub mod pixels;
 pub mod placeholder;
 pub mod plan;
+pub mod resize;
 mod target_ratios;
 
 pub use pixels::PreprocessedImage;

@@ -2,13 +2,11 @@
 //! tiles row-major, add the thumbnail, flatten 16x16 patches as (dy, dx, channel), and
 //! normalise to [-1, 1].
 
-use fast_image_resize::images::{Image, ImageRef};
-use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 use super::plan::{Geometry, TileGrid};
 use super::RgbImage;
+use super::resize::resize;
 
 /// Model-ready tensors for one image.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,20 +23,6 @@ pub struct PreprocessedImage {
     pub grid: TileGrid,
 }
 
-/// Resizes `src` to `width x height` with PIL-compatible bilinear convolution (antialiased
-/// when shrinking), the filter transformers' image processor uses.
-pub fn resize(src: &RgbImage, width: usize, height: usize) -> Result<RgbImage> {
-    if (src.width as usize, src.height as usize) == (width, height) {
-        return Ok(src.clone());
-    }
-    let view = ImageRef::new(src.width, src.height, &src.data, PixelType::U8x3)
-        .map_err(|e| Error::Internal(format!("resize source: {e}")))?;
-    let mut dst = Image::new(width as u32, height as u32, PixelType::U8x3);
-    let opts = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
-    Resizer::new().resize(&view, &mut dst, &opts).map_err(|e| Error::Internal(format!("resize: {e}")))?;
-    Ok(RgbImage { width: width as u32, height: height as u32, data: dst.into_vec() })
-}
-
 /// Byte to model input: (b/255 - 0.5) / 0.5, computed as transformers' fused normalise does.
 #[inline]
 fn normalise(b: u8) -> f32 {
@@ -53,9 +37,9 @@ pub fn preprocess_with_grid(image: &RgbImage, grid: &TileGrid) -> Result<Preproc
 
     // Entries as (source image, x0, y0, h, w): crops of the resized canvas, then the thumbnail.
     let (th, tw) = grid.tile;
-    let canvas = resize(image, grid.cols * tw, grid.rows * th)?;
+    let canvas = resize(image, grid.cols * tw, grid.rows * th);
     let thumb = match grid.thumbnail {
-        Some((h, w)) => Some(resize(image, w, h)?),
+        Some((h, w)) => Some(resize(image, w, h)),
         None => None,
     };
     let mut entries: Vec<(&RgbImage, usize, usize, usize, usize)> = Vec::with_capacity(grid.num_entries());

@@ -154,7 +154,8 @@ impl Model {
         vision.expect_int64(vision.input("spatial_shapes"), "spatial_shapes", 2, "[batch, 2]")?;
         let feats = vision.expect_float(vision.output("image_features"), "image_features", 2, "[image_tokens, hidden]")?;
         let patch_dim = vision.width(&pv, 2, "patch values")?;
-        let vision_hidden = vision.width(&feats, 1, "hidden size")?;
+        // Checked against the decoder's width below when declared, else at run time.
+        let vision_hidden = feats.fixed(1);
         if vision.inputs.len() != 3 {
             return Err(vision.error(format!("expected 3 inputs, found {}: is this the vision encoder?", vision.inputs.len())));
         }
@@ -215,9 +216,9 @@ impl Model {
                 }
             }
         }
-        if embed_hidden != hidden || vision_hidden != hidden {
+        if embed_hidden != hidden || vision_hidden.is_some_and(|v| v != hidden) {
             return Err(dec.error(format!(
-                "hidden sizes disagree: decoder {hidden}, embed_tokens {embed_hidden}, vision_encoder {vision_hidden} \
+                "hidden sizes disagree: decoder {hidden}, embed_tokens {embed_hidden}, vision_encoder {vision_hidden:?} \
                  (graphs from different models?)"
             )));
         }

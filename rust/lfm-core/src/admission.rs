@@ -1,0 +1,117 @@
+//! Cheap checks on a request, run before any image is decoded or template rendered.
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::options::Limits;
+
+/// Roles a request may use.
+pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
+/// What the checks learned about the messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageStats {
+    pub image_parts: usize,
+}
+
+fn rejected(field: impl Into<String>, value: impl ToString, limit: impl ToString, reason: impl Into<String>) -> Error {
+    Error::rejected(field, value, limit, reason)
+}
+
+/// Checks the shape of HF chat messages, their sizes, and that no text carries a special
+/// token string (which would let user text forge prompt structure).
+pub fn check_messages(messages: &Value, limits: &Limits, specials: &[String]) -> Result<MessageStats> {
+    let list = messages
+        .as_array()
+        .ok_or_else(|| rejected("messages", "not a list", "a list of messages", "messages must be a list of {role, content} objects"))?;
+    if list.is_empty() {
+        return Err(rejected("messages", 0, "at least 1", "messages is empty"));
+    }
+    if list.len() > limits.max_messages {
+        return Err(rejected("messages", list.len(), limits.max_messages, format!("{} messages, over max_messages={}", list.len(), limits.max_messages)));
+    }
+    let (mut parts_total, mut text_bytes, mut image_parts) = (0usize, 0usize, 0usize);
+    let mut check_text = |text: &str, where_: &str| -> Result<()> {
+        text_bytes += text.len();
+        if text_bytes > limits.max_text_bytes {
+            return Err(rejected("text", text_bytes, limits.max_text_bytes, format!("text totals over max_text_bytes={} bytes", limits.max_text_bytes)));
+        }
+        if let Some(s) = specials.iter().find(|s| text.contains(s.as_str())) {
+            return Err(rejected(where_, s, "no special tokens", format!("{where_} contains the special token string {s:?}")));
+        }
+        Ok(())
+    };
+    for (i, m) in list.iter().enumerate() {
+        let field = format!("messages[{i}]");
+        let obj = m.as_object().ok_or_else(|| rejected(&field, m, "an object", format!("{field} is not a {{role, content}} object")))?;
+        let role = obj.get("role").and_then(Value::as_str).unwrap_or_default();
+        if !ROLES.contains(&role) {
+            return Err(rejected(format!("{field}.role"), format!("{role:?}"), ROLES.join(", "), format!("{field} has role {role:?}; allowed: {}", ROLES.join(", "))));
+        }
+        match obj.get("content") {
+            None | Some(Value::Null) => parts_total += 1,
+            Some(Value::String(s)) => {
+                parts_total += 1;
+                check_text(s, &format!("{field}.content"))?;
+            }
+            Some(Value::Array(parts)) => {
+                for (j, p) in parts.iter().enumerate() {
+                    let pf = format!("{field}.content[{j}]");
+                    parts_total += 1;
+                    match p.get("type").and_then(Value::as_str) {
+                        Some("text") => {
+                            let t = p.get("text").and_then(Value::as_str).ok_or_else(|| rejected(&pf, p, "a string `text`", format!("{pf} is a text part without a string `text`")))?;
+                            check_text(t, &pf)?;
+                        }
+                        Some("image") => {
+                            if role != "user" {
+                                return Err(rejected(&pf, role, "user messages", format!("{pf}: images may only appear in user messages, not {role}")));
+                            }
+                            image_parts += 1;
+                        }
+                        other => {
+                            return Err(rejected(&pf, format!("{other:?}"), "\"text\" or \"image\"", format!("{pf} has type {other:?}; expected \"text\" or \"image\"")));
+                        }
+                    }
+                }
+            }
+            Some(other) => {
+                return Err(rejected(format!("{field}.content"), other, "a string or a list of parts", format!("{field}.content must be a string or a list of parts")));
+            }
+        }
+        if parts_total > limits.max_content_parts {
+            return Err(rejected("content parts", parts_total, limits.max_content_parts, format!("over max_content_parts={}", limits.max_content_parts)));
+        }
+    }
+    Ok(MessageStats { image_parts })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn check(m: Value) -> Result<MessageStats> {
+        check_messages(&m, &Limits::default(), &["<|im_start|>".to_string()])
+    }
+
+    #[test]
+    fn counts_image_parts() {
+        let m = json!([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}, {"type": "image"}]}]);
+        assert_eq!(check(m).unwrap().image_parts, 2);
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
+        for m in [
+            json!([]),
+            json!([{"role": "robot", "content": "x"}]),
+            json!([{"role": "user", "content": "a <|im_start|> b"}]),
+            json!([{"role": "assistant", "content": [{"type": "image"}]}]),
+            json!([{"role": "user", "content": [{"type": "video"}]}]),
+            json!({"role": "user"}),
+        ] {
+            assert!(matches!(check(m.clone()), Err(Error::RequestRejected { .. })), "{m}");
+        }
+    }
+}

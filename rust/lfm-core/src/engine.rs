@@ -1,0 +1,307 @@
+//! The engine: admission, preprocessing, vision, prefill, and the decode loop.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use serde_json::Value;
+
+use crate::admission::check_messages;
+use crate::chat::ChatTemplate;
+use crate::error::{Error, Result};
+use crate::files::{ModelFiles, bundled};
+use crate::options::{EngineOptions, RequestOptions};
+use crate::preproc::decode::{DecodeLimits, decode, probe};
+use crate::preproc::pixels::preprocess_with_grid;
+use crate::preproc::{Preprocessor, RgbImage, TileGrid, expand_placeholders};
+use crate::request::{Cancel, FinishReason, Generation, ImageSource, Timings, Usage};
+use crate::runtime::{HybridCache, Model, ModelSpec, SessionConfig};
+use crate::sampling::Sampler;
+use crate::tokenizer::TextTokenizer;
+
+/// An image that passed admission: its source (file contents read once) and its plan.
+struct PlannedImage {
+    source: ImageSource,
+    grid: TileGrid,
+    width: u32,
+    height: u32,
+}
+
+/// A request ready for the model: prompt ids and planned images.
+pub struct Prepared {
+    images: Vec<PlannedImage>,
+    pub prompt_ids: Vec<u32>,
+    pub image_tokens: usize,
+    preprocess_s: f64,
+}
+
+/// Called with each new token id; return `false` to stop.
+pub type TokenCallback<'a> = &'a mut dyn FnMut(u32) -> bool;
+
+/// A loaded model with its tokenizer, chat template and preprocessing.
+pub struct Engine {
+    model: Model,
+    tokenizer: TextTokenizer,
+    template: ChatTemplate,
+    preprocessor: Preprocessor,
+    options: EngineOptions,
+    seeds: AtomicU64,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("spec", &self.model.spec).finish()
+    }
+}
+
+fn read_json(path: &std::path::Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::model_load(path, format!("not valid JSON: {e}")))
+}
+
+impl Engine {
+    /// Loads the graphs, tokenizer and chat template named by `files`.
+    pub fn load(files: &ModelFiles, options: EngineOptions) -> Result<Engine> {
+        options.validate()?;
+        let tokenizer_config = match &files.tokenizer_config {
+            Some(p) => Some(read_json(p)?),
+            None => None,
+        };
+        let template_source = match (&files.chat_template, tokenizer_config.as_ref().and_then(|c| c.get("chat_template"))) {
+            (Some(p), _) => std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?,
+            (None, Some(Value::String(s))) => s.clone(),
+            _ => bundled::CHAT_TEMPLATE_JINJA.to_string(),
+        };
+        let template = ChatTemplate::new(&template_source).map_err(|e| {
+            Error::model_load(files.chat_template.clone().unwrap_or_default(), format!("chat template: {e}"))
+        })?;
+        let tokenizer = TextTokenizer::from_file(&files.tokenizer, tokenizer_config.as_ref())?;
+        let config = SessionConfig {
+            intra_threads: options.intra_threads.map(usize::from),
+            inter_threads: options.inter_threads.map(usize::from),
+        };
+        let model = Model::load(&files.graphs, &config)?;
+        if tokenizer.vocab_size > model.spec.vocab {
+            return Err(Error::model_load(
+                &files.tokenizer,
+                format!("the tokenizer has {} tokens but the decoder only {} logits", tokenizer.vocab_size, model.spec.vocab),
+            ));
+        }
+        let preprocessor = Preprocessor::new(options.image_budget)?;
+        let seed0 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0x5eed);
+        Ok(Engine { model, tokenizer, template, preprocessor, options, seeds: AtomicU64::new(seed0) })
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.model.spec
+    }
+
+    pub fn options(&self) -> &EngineOptions {
+        &self.options
+    }
+
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    /// Renders messages with the model's chat template (no admission checks).
+    pub fn render(&self, messages: &Value, tools: Option<&Value>, add_generation_prompt: bool) -> Result<String> {
+        self.template.render(messages, tools, add_generation_prompt, &self.tokenizer.special.bos_token)
+    }
+
+    /// The denylist for user text: the tokenizer's special tokens.
+    fn specials(&self) -> &[String] {
+        &self.tokenizer.special_strings
+    }
+
+    /// Admission, image planning (headers only), template, placeholder expansion and
+    /// tokenization, with the context checked against `max_new_tokens`.
+    pub fn prepare(&self, messages: &Value, images: Vec<ImageSource>, max_new_tokens: usize) -> Result<Prepared> {
+        let t0 = Instant::now();
+        let limits = &self.options.limits;
+        let stats = check_messages(messages, limits, self.specials())?;
+        if stats.image_parts != images.len() {
+            return Err(Error::rejected(
+                "images",
+                images.len(),
+                stats.image_parts,
+                format!("the messages have {} image placeholders but {} images were given", stats.image_parts, images.len()),
+            ));
+        }
+        let dl = DecodeLimits::from(limits);
+        let mut planned = Vec::with_capacity(images.len());
+        for source in images {
+            let source = match source {
+                ImageSource::Path(p) => ImageSource::Bytes(std::fs::read(&p).map_err(|e| Error::io(&p, e))?),
+                other => other,
+            };
+            let (width, height) = match &source {
+                ImageSource::Bytes(b) => {
+                    let h = probe(b, &dl)?;
+                    (h.width, h.height)
+                }
+                ImageSource::Pixels(img) => (img.width, img.height),
+                ImageSource::Path(_) => unreachable!("paths were read above"),
+            };
+            let grid = self.preprocessor.plan(width, height)?;
+            planned.push(PlannedImage { source, grid, width, height });
+        }
+        let image_tokens: usize = planned.iter().map(|p| p.grid.num_image_tokens()).sum();
+        let structural: usize = planned.iter().map(|p| p.grid.num_structural_tokens()).sum();
+        let context = limits.context_tokens;
+        if image_tokens + structural + max_new_tokens > context {
+            return Err(Error::PromptTooLong { prompt_tokens: image_tokens + structural, max_new_tokens, limit: context });
+        }
+        let rendered = self.render(messages, None, true)?;
+        let grids: Vec<TileGrid> = planned.iter().map(|p| p.grid).collect();
+        let text = expand_placeholders(&rendered, &grids).ok_or_else(|| {
+            Error::rejected("messages", "", "", "the chat template did not place one <image> per image")
+        })?;
+        let prompt_ids = self.tokenizer.encode(&text)?;
+        if prompt_ids.len() + max_new_tokens > context {
+            return Err(Error::PromptTooLong { prompt_tokens: prompt_ids.len(), max_new_tokens, limit: context });
+        }
+        let counted = prompt_ids.iter().filter(|&&i| i == self.tokenizer.special.image).count();
+        if counted != image_tokens {
+            return Err(Error::Internal(format!("prompt has {counted} image tokens, the plan {image_tokens}")));
+        }
+        Ok(Prepared { images: planned, prompt_ids, image_tokens, preprocess_s: t0.elapsed().as_secs_f64() })
+    }
+
+    /// Full prompt ids after image expansion.
+    pub fn encode_prompt(&self, messages: &Value, images: Vec<ImageSource>) -> Result<Vec<u32>> {
+        Ok(self.prepare(messages, images, 0)?.prompt_ids)
+    }
+
+    /// Decodes and preprocesses each image, runs the vision encoder once per image, and
+    /// returns the prompt embeddings with image features spliced in at `<image>` positions.
+    fn prompt_embeddings(&self, prepared: &Prepared, timings: &mut Timings) -> Result<Vec<f32>> {
+        let hidden = self.model.spec.hidden;
+        let dl = DecodeLimits::from(&self.options.limits);
+        let mut features: Vec<f32> = Vec::with_capacity(prepared.image_tokens * hidden);
+        for img in &prepared.images {
+            let t = Instant::now();
+            let decoded;
+            let pixels: &RgbImage = match &img.source {
+                ImageSource::Pixels(p) => p,
+                ImageSource::Bytes(b) => {
+                    decoded = decode(b, &dl)?;
+                    &decoded
+                }
+                ImageSource::Path(_) => return Err(Error::Internal("unread image path".into())),
+            };
+            if (pixels.width, pixels.height) != (img.width, img.height) {
+                return Err(Error::ImageDecode {
+                    detail: format!(
+                        "decoded {}x{} pixels but the header said {}x{}",
+                        pixels.width, pixels.height, img.width, img.height
+                    ),
+                });
+            }
+            let pre = preprocess_with_grid(pixels, &img.grid)?;
+            timings.preprocess_s += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            features.extend(self.model.encode_image(&pre)?);
+            timings.vision_s += t.elapsed().as_secs_f64();
+        }
+        let t = Instant::now();
+        let mut embeds = self.model.embed(&prepared.prompt_ids)?;
+        let image_id = self.tokenizer.special.image;
+        let mut rows = features.chunks_exact(hidden);
+        for (pos, _) in prepared.prompt_ids.iter().enumerate().filter(|(_, id)| **id == image_id) {
+            let row = rows.next().ok_or_else(|| Error::Internal("fewer image features than <image> tokens".into()))?;
+            embeds[pos * hidden..(pos + 1) * hidden].copy_from_slice(row);
+        }
+        timings.prefill_s += t.elapsed().as_secs_f64();
+        Ok(embeds)
+    }
+
+    /// Runs the prompt through the decoder: the cache and the next-token logits.
+    fn prefill(&self, prepared: &Prepared, timings: &mut Timings) -> Result<(HybridCache, Vec<f32>)> {
+        let embeds = self.prompt_embeddings(prepared, timings)?;
+        let t = Instant::now();
+        let mut cache = self.model.new_cache()?;
+        let logits = self.model.decode(embeds, prepared.prompt_ids.len(), &mut cache)?;
+        timings.prefill_s += t.elapsed().as_secs_f64();
+        Ok((cache, logits))
+    }
+
+    /// The raw logits row for the token after the prompt.
+    pub fn next_token_logits(&self, messages: &Value, images: Vec<ImageSource>) -> Result<Vec<f32>> {
+        let prepared = self.prepare(messages, images, 0)?;
+        Ok(self.prefill(&prepared, &mut Timings::default())?.1)
+    }
+
+    fn next_seed(&self, opts: &RequestOptions) -> u64 {
+        opts.seed.unwrap_or_else(|| self.seeds.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed))
+    }
+
+    /// Generates a reply to `messages`.
+    pub fn generate(
+        &self,
+        messages: &Value,
+        images: Vec<ImageSource>,
+        opts: &RequestOptions,
+        cancel: &Cancel,
+        on_token: Option<TokenCallback<'_>>,
+    ) -> Result<Generation> {
+        opts.validate()?;
+        let prepared = self.prepare(messages, images, opts.max_new_tokens)?;
+        let mut timings = Timings { preprocess_s: prepared.preprocess_s, ..Timings::default() };
+        let (mut cache, mut logits) = self.prefill(&prepared, &mut timings)?;
+        let t = Instant::now();
+        let eos = self.tokenizer.special.eos;
+        let mut sampler =
+            Sampler::new(opts, self.next_seed(opts), eos, &prepared.prompt_ids, self.tokenizer.vocab_size);
+        let mut ids: Vec<u32> = Vec::new();
+        let mut on_token = on_token;
+        let mut stop_cut: Option<usize> = None;
+        let finish = loop {
+            if cancel.is_cancelled() {
+                break FinishReason::Cancelled;
+            }
+            if ids.len() >= opts.max_new_tokens {
+                break FinishReason::Length;
+            }
+            sampler.process(&mut logits, ids.len());
+            let id = sampler.choose(&logits)?;
+            if id == eos {
+                break FinishReason::Stop;
+            }
+            ids.push(id);
+            sampler.observe(id);
+            if let Some(cb) = on_token.as_mut() {
+                if !cb(id) {
+                    break FinishReason::Cancelled;
+                }
+            }
+            if !opts.stop.is_empty() {
+                let text = self.tokenizer.decode(&ids)?;
+                if let Some(cut) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                    stop_cut = Some(cut);
+                    break FinishReason::Stop;
+                }
+            }
+            if ids.len() >= opts.max_new_tokens {
+                break FinishReason::Length;
+            }
+            let emb = self.model.embed(&[id])?;
+            logits = self.model.decode(emb, 1, &mut cache)?;
+        };
+        timings.decode_s = t.elapsed().as_secs_f64();
+        let mut text = self.tokenizer.decode(&ids)?;
+        if let Some(cut) = stop_cut {
+            text.truncate(cut);
+        }
+        Ok(Generation {
+            text,
+            usage: Usage {
+                prompt_tokens: prepared.prompt_ids.len(),
+                image_tokens: prepared.image_tokens,
+                completion_tokens: ids.len(),
+            },
+            token_ids: ids,
+            finish_reason: finish,
+            timings,
+        })
+    }
+}

@@ -1,0 +1,102 @@
+//! What a request carries in and what a generation gives back.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use crate::preproc::RgbImage;
+
+/// One image of a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageSource {
+    /// A file: EXIF orientation applied.
+    Path(PathBuf),
+    /// An encoded file in memory: EXIF orientation applied.
+    Bytes(Vec<u8>),
+    /// The caller's pixels, taken as they are.
+    Pixels(RgbImage),
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// EOS or a stop string.
+    Stop,
+    /// `max_new_tokens` reached.
+    Length,
+    /// The grammar completed.
+    Grammar,
+    /// Cancelled or timed out.
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Grammar => "grammar",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Token counts of one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// Prompt tokens, image tokens included.
+    pub prompt_tokens: usize,
+    /// `<image>` tokens in the prompt.
+    pub image_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// Wall-clock seconds per stage.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Timings {
+    /// Admission, image decode and preprocessing, template, tokenization.
+    pub preprocess_s: f64,
+    pub vision_s: f64,
+    /// Token embedding and the prompt's decoder pass.
+    pub prefill_s: f64,
+    pub decode_s: f64,
+}
+
+/// The result of one generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub text: String,
+    /// New tokens, EOS excluded.
+    pub token_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+    pub timings: Timings,
+}
+
+/// A handle that stops a running request between decode steps.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel {
+    flag: Arc<AtomicBool>,
+    deadline: Option<Instant>,
+}
+
+impl Cancel {
+    pub fn new() -> Cancel {
+        Cancel::default()
+    }
+
+    /// Also cancels once `seconds` have passed from now.
+    pub fn with_timeout(mut self, seconds: Option<f64>) -> Cancel {
+        self.deadline = seconds.map(|s| Instant::now() + std::time::Duration::from_secs_f64(s));
+        self
+    }
+
+    pub fn cancel(&self) {
+        self.flag.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.flag.load(Ordering::Relaxed) || self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+}
