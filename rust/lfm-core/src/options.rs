@@ -434,6 +434,12 @@ pub fn from_json<T: serde::de::DeserializeOwned>(section: &str, json: &str) -> R
         let msg = e.to_string();
         // serde's message names the bad key or value and, for unknown keys, the allowed ones.
         let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+        if let Some(rest) = msg.strip_prefix("unknown field `") {
+            if let Some((key, allowed)) = rest.split_once("`, expected ") {
+                let allowed = allowed.replace('`', "");
+                return Error::option(format!("{section}.{key}"), key, format!("a known key ({allowed})"));
+            }
+        }
         Error::option(section, json_excerpt(json), msg)
     })
 }

@@ -1,0 +1,48 @@
+"""lfm: LiquidAI's LFM2.5-VL-450M on ONNX Runtime, with a Rust core.
+
+The model weights are under the LFM Open License v1.0, separate from this code.
+"""
+
+from __future__ import annotations
+
+from . import chat, preproc
+from ._lfm import __version__
+from .engine import Engine
+from .errors import (
+    GrammarError,
+    ImageError,
+    InferenceError,
+    InternalError,
+    InvalidOptionsError,
+    LfmError,
+    ModelLoadError,
+    ParseError,
+    PromptTooLongError,
+    RequestRejectedError,
+)
+from .options import EngineOptions, ImageBudget, Limits, RequestOptions
+from .results import Generation, Timings, Usage
+
+__all__ = [
+    "Engine",
+    "EngineOptions",
+    "Generation",
+    "GrammarError",
+    "ImageBudget",
+    "ImageError",
+    "InferenceError",
+    "InternalError",
+    "InvalidOptionsError",
+    "LfmError",
+    "Limits",
+    "ModelLoadError",
+    "ParseError",
+    "PromptTooLongError",
+    "RequestOptions",
+    "RequestRejectedError",
+    "Timings",
+    "Usage",
+    "__version__",
+    "chat",
+    "preproc",
+]

@@ -1,0 +1,96 @@
+"""Chat messages as the Rust core takes them: JSON text with image parts reduced to
+``{"type": "image"}``, plus the images in prompt order."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from ._images import ImageLike, to_core
+from .errors import RequestRejectedError
+
+Messages = str | Sequence[Mapping[str, Any]]
+
+
+def _rejected(message: str, field: str, value: object, limit: object) -> RequestRejectedError:
+    err = RequestRejectedError(message)
+    err.field, err.value, err.limit = field, str(value), str(limit)
+    return err
+
+
+def prepare(messages: Messages, images: Iterable[ImageLike] = ()) -> tuple[str, list[Any]]:
+    """Binds images to image parts and returns ``(messages_json, core_images)``.
+
+    A ``str`` is one user turn: the images, in order, then the text. Otherwise each image
+    part takes its own ``"image"`` when it has one, else the next of ``images``.
+    """
+    pool = list(images)
+    if isinstance(messages, str):
+        parts: list[dict[str, Any]] = [{"type": "image"} for _ in pool]
+        parts.append({"type": "text", "text": messages})
+        messages = [{"role": "user", "content": parts}]
+    if isinstance(messages, Mapping) or not isinstance(messages, Sequence):
+        raise TypeError("messages must be a str or a list of {'role', 'content'} dicts")
+    ordered: list[Any] = []
+    pending = iter(pool)
+    used = 0
+    out: list[Any] = []
+    for m in messages:
+        if not isinstance(m, Mapping):
+            raise TypeError(f"each message must be a dict, got {type(m).__name__}")
+        msg = dict(m)
+        content = msg.get("content")
+        if isinstance(content, Sequence) and not isinstance(content, str):
+            new_parts = []
+            for part in content:
+                if isinstance(part, Mapping) and part.get("type") == "image":
+                    if part.get("image") is not None:
+                        ordered.append(to_core(part["image"]))
+                    else:
+                        try:
+                            ordered.append(to_core(next(pending)))
+                        except StopIteration:
+                            raise _rejected(
+                                f"the messages have more image parts than the {len(pool)} images given",
+                                "images",
+                                len(pool),
+                                "one image per image part",
+                            ) from None
+                        used += 1
+                    new_parts.append({"type": "image"})
+                else:
+                    new_parts.append(dict(part) if isinstance(part, Mapping) else part)
+            msg["content"] = new_parts
+        out.append(msg)
+    if used != len(pool):
+        raise _rejected(
+            f"{len(pool)} images were given but only {used} image parts without an image take them",
+            "images",
+            len(pool),
+            used,
+        )
+    try:
+        text = json.dumps(out, ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"messages must be JSON-serialisable apart from images: {e}") from None
+    return text, ordered
+
+
+def template_json(messages: Messages) -> str:
+    """Messages for rendering only: image payloads dropped, nothing bound or checked."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    out = []
+    for m in messages:
+        msg = dict(m)
+        content = msg.get("content")
+        if isinstance(content, Sequence) and not isinstance(content, str):
+            msg["content"] = [
+                {"type": "image"} if isinstance(p, Mapping) and p.get("type") == "image" else p for p in content
+            ]
+        out.append(msg)
+    try:
+        return json.dumps(out, ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"messages must be JSON-serialisable apart from images: {e}") from None

@@ -1,0 +1,172 @@
+"""Option objects: keyword-only, frozen, validated by the Rust core, and round-tripping
+through plain dicts (``to_dict`` / ``from_dict``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from . import _lfm
+
+_T = TypeVar("_T", bound="_Options")
+
+
+def _validated(kind: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    normalised: dict[str, Any] = json.loads(_lfm.validate_options(kind, json.dumps(data)))
+    return normalised
+
+
+class _Options:
+    """Shared dict round-trip; subclasses are frozen keyword-only dataclasses."""
+
+    _kind: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if isinstance(v, _Options):
+                v = v.to_dict()
+            elif isinstance(v, tuple):
+                v = list(v)
+            elif isinstance(v, Mapping):
+                v = dict(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls: type[_T], data: Mapping[str, Any]) -> _T:
+        """Builds the options from a dict; unknown keys are refused, naming the allowed ones."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"{cls.__name__}.from_dict expects a mapping, got {type(data).__name__}")
+        _validated(cls._kind, data)  # refuses unknown keys with the list of allowed ones
+        return cls(**dict(data))
+
+    def _check(self) -> None:
+        _validated(self._kind, self.to_dict())
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ImageBudget(_Options):
+    """How many tokens an image may become and how it is tiled (the model's defaults)."""
+
+    _kind = "image_budget"
+    min_image_tokens: int = 64
+    max_image_tokens: int = 256
+    min_tiles: int = 2
+    max_tiles: int = 10
+    use_thumbnail: bool = True
+    max_pixels_tolerance: float = 2.0
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    @classmethod
+    def quality(cls) -> ImageBudget:
+        """The model's own preprocessing (same as the default)."""
+        return cls()
+
+    @classmethod
+    def fast(cls) -> ImageBudget:
+        """Fewer tokens: up to 4 tiles, no thumbnail, single tiles of at most 64 tokens.
+        Medium images (640x480 and up) still become four full 512x512 tiles."""
+        return cls(min_image_tokens=32, max_image_tokens=64, min_tiles=2, max_tiles=4, use_thumbnail=False)
+
+    @classmethod
+    def single_tile(cls, max_image_tokens: int = 64) -> ImageBudget:
+        """Never tiles: one smart-resized image of at most ``max_image_tokens`` tokens."""
+        return cls(
+            min_image_tokens=max(1, min(64, max_image_tokens)),
+            max_image_tokens=max_image_tokens,
+            min_tiles=1,
+            max_tiles=1,
+            use_thumbnail=False,
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Limits(_Options):
+    """Admission limits, checked before any image is decoded or template rendered."""
+
+    _kind = "limits"
+    max_messages: int = 1024
+    max_content_parts: int = 8192
+    max_text_bytes: int = 2_048_000
+    max_image_side: int = 16384
+    max_decoded_image_bytes: int = 256 * 1024 * 1024
+    context_tokens: int = 128_000
+
+    def __post_init__(self) -> None:
+        self._check()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RequestOptions(_Options):
+    """Decoding options of one request. ``temperature=0`` is greedy decoding."""
+
+    _kind = "request"
+    max_new_tokens: int = 512
+    min_new_tokens: int = 0
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.05
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        self._check()
+
+    @classmethod
+    def model_card(cls, **overrides: Any) -> RequestOptions:
+        """The model card's sampling preset: temperature 0.1, min_p 0.15, penalty 1.05."""
+        base: dict[str, Any] = {"temperature": 0.1, "min_p": 0.15, "repetition_penalty": 1.05}
+        base.update(overrides)
+        return cls(**base)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineOptions(_Options):
+    """Options fixed when an engine is loaded."""
+
+    _kind = "engine"
+    variant: str | Mapping[str, str] = "fp32"
+    providers: tuple[str, ...] = ("cpu",)
+    intra_threads: int | None = None
+    inter_threads: int | None = None
+    image_budget: ImageBudget = dataclasses.field(default_factory=ImageBudget)
+    limits: Limits = dataclasses.field(default_factory=Limits)
+    max_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_budget, Mapping):
+            object.__setattr__(self, "image_budget", ImageBudget.from_dict(self.image_budget))
+        if isinstance(self.limits, Mapping):
+            object.__setattr__(self, "limits", Limits.from_dict(self.limits))
+        if isinstance(self.providers, str):
+            object.__setattr__(self, "providers", (self.providers,))
+        else:
+            object.__setattr__(self, "providers", tuple(self.providers))
+        self._check()
+
+
+def coerce(cls: type[_T], value: _T | Mapping[str, Any] | None) -> _T:
+    """``options=`` takes the options object, a plain dict, or None (defaults)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        return cls.from_dict(value)
+    raise TypeError(f"expected {cls.__name__}, a dict or None, got {type(value).__name__}")
+
+
+__all__ = ["EngineOptions", "ImageBudget", "Limits", "RequestOptions"]

@@ -1,0 +1,99 @@
+"""Image preprocessing as the model sees it, without ONNX Runtime: tile plans,
+placeholders, pixel tensors and EXIF-aware decoding."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+from . import _lfm
+from ._images import ImageLike, to_core
+from .options import ImageBudget
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TileGrid:
+    """``rows x cols`` main tiles of ``tile`` = (h, w) pixels, then an optional thumbnail
+    (h, w) of the whole image. A 1x1 grid is one smart-resized image."""
+
+    rows: int
+    cols: int
+    tile: tuple[int, int]
+    thumbnail: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tile", tuple(self.tile))
+        if self.thumbnail is not None:
+            object.__setattr__(self, "thumbnail", tuple(self.thumbnail))
+        entries, tokens = _lfm.grid_info(self.rows, self.cols, self.tile, self.thumbnail)
+        object.__setattr__(self, "_entries", entries)
+        object.__setattr__(self, "_tokens", tokens)
+
+    @property
+    def num_entries(self) -> int:
+        """Entries the vision encoder sees: the tiles, plus the thumbnail."""
+        n: int = self._entries  # type: ignore[attr-defined]
+        return n
+
+    @property
+    def num_image_tokens(self) -> int:
+        """``<image>`` tokens this image becomes (markers and wrappers not counted)."""
+        n: int = self._tokens  # type: ignore[attr-defined]
+        return n
+
+
+def _grid(t: tuple[int, int, tuple[int, int], tuple[int, int] | None]) -> TileGrid:
+    return TileGrid(rows=t[0], cols=t[1], tile=t[2], thumbnail=t[3])
+
+
+def _budget_json(budget: ImageBudget | None) -> str:
+    return json.dumps((budget or ImageBudget()).to_dict())
+
+
+def plan(width: int, height: int, budget: ImageBudget | None = None) -> TileGrid:
+    """The tile plan for an image of ``width x height`` pixels (width first)."""
+    return _grid(_lfm.plan(width, height, _budget_json(budget)))
+
+
+def placeholder_text(grid: TileGrid) -> str:
+    """What replaces one ``<image>``: start/end wrappers, row/column markers (multi-tile
+    only), the thumbnail marker, and the ``<image>`` tokens."""
+    text: str = _lfm.placeholder_text(grid.rows, grid.cols, grid.tile, grid.thumbnail)
+    return text
+
+
+def decode(image: ImageLike) -> np.ndarray:
+    """Decodes to a uint8 ``HxWx3`` array. Files and bytes get their EXIF orientation
+    applied; arrays and PIL images are returned as RGB pixels, unchanged."""
+    out: np.ndarray = _lfm.decode(to_core(image))
+    return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PreprocessedImage:
+    """Model-ready tensors of one image."""
+
+    pixel_values: np.ndarray  # float32 [N, P, 768]
+    pixel_attention_mask: np.ndarray  # int64 [N, P]
+    spatial_shapes: np.ndarray  # int64 [N, 2]
+    grid: TileGrid
+
+
+class Preprocessor:
+    """Plans and preprocesses images under one ``ImageBudget``."""
+
+    def __init__(self, budget: ImageBudget | None = None) -> None:
+        self.budget = budget or ImageBudget()
+        self._json = _budget_json(self.budget)
+
+    def plan(self, width: int, height: int) -> TileGrid:
+        return _grid(_lfm.plan(width, height, self._json))
+
+    def preprocess(self, image: ImageLike) -> PreprocessedImage:
+        pv, mask, shapes, grid = _lfm.preprocess(to_core(image), self._json)
+        return PreprocessedImage(pixel_values=pv, pixel_attention_mask=mask, spatial_shapes=shapes, grid=_grid(grid))
+
+
+__all__ = ["PreprocessedImage", "Preprocessor", "TileGrid", "decode", "placeholder_text", "plan"]

@@ -1,0 +1,136 @@
+//! `lfm.preproc` and option validation: no ONNX Runtime involved.
+
+use lfm_core::options::{self, EngineOptions, ImageBudget, Limits, RequestOptions};
+use lfm_core::preproc::decode::{DecodeLimits, decode as core_decode};
+use lfm_core::preproc::{self, Preprocessor, RgbImage, TileGrid};
+use lfm_core::request::ImageSource;
+use numpy::{PyArray1, PyArrayMethods};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::errors::{detached, to_py_err};
+use crate::images::image_source;
+
+/// `(rows, cols, (tile_h, tile_w), (thumb_h, thumb_w) | None)`.
+pub type GridTuple = (usize, usize, (usize, usize), Option<(usize, usize)>);
+
+pub fn grid_tuple(g: &TileGrid) -> GridTuple {
+    (g.rows, g.cols, g.tile, g.thumbnail)
+}
+
+fn budget(py: Python<'_>, json: &str) -> PyResult<ImageBudget> {
+    let b: ImageBudget = options::from_json("image_budget", json).map_err(|e| to_py_err(py, e))?;
+    b.validate().map_err(|e| to_py_err(py, e))?;
+    Ok(b)
+}
+
+/// Validates an options object given as JSON; returns it normalised (defaults filled in).
+#[pyfunction]
+pub fn validate_options(py: Python<'_>, kind: &str, json: &str) -> PyResult<String> {
+    fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(
+        kind: &str,
+        json: &str,
+        validate: impl Fn(&T) -> lfm_core::Result<()>,
+    ) -> lfm_core::Result<String> {
+        let v: T = options::from_json(kind, json)?;
+        validate(&v)?;
+        serde_json::to_string(&v).map_err(|e| lfm_core::Error::Internal(e.to_string()))
+    }
+    let out = match kind {
+        "request" => round_trip::<RequestOptions>(kind, json, RequestOptions::validate),
+        "engine" => round_trip::<EngineOptions>(kind, json, EngineOptions::validate),
+        "image_budget" => round_trip::<ImageBudget>(kind, json, ImageBudget::validate),
+        "limits" => round_trip::<Limits>(kind, json, Limits::validate),
+        other => return Err(PyValueError::new_err(format!("unknown options kind {other:?}"))),
+    };
+    out.map_err(|e| to_py_err(py, e))
+}
+
+/// Tile plan of a `width x height` image.
+#[pyfunction]
+pub fn plan(py: Python<'_>, width: i64, height: i64, budget_json: &str) -> PyResult<GridTuple> {
+    let b = budget(py, budget_json)?;
+    let (w, h) = (u32::try_from(width.max(0)).unwrap_or(u32::MAX), u32::try_from(height.max(0)).unwrap_or(u32::MAX));
+    if width < 0 || height < 0 {
+        return Err(PyValueError::new_err(format!("image size must not be negative, got {width}x{height}")));
+    }
+    preproc::plan(w, h, &b).map(|g| grid_tuple(&g)).map_err(|e| to_py_err(py, e))
+}
+
+/// Validates a hand-made grid; returns `(num_entries, num_image_tokens)`.
+#[pyfunction]
+#[pyo3(signature = (rows, cols, tile, thumbnail=None))]
+pub fn grid_info(py: Python<'_>, rows: usize, cols: usize, tile: (usize, usize), thumbnail: Option<(usize, usize)>) -> PyResult<(usize, usize)> {
+    let g = TileGrid::new(rows, cols, tile, thumbnail).map_err(|e| to_py_err(py, e))?;
+    Ok((g.num_entries(), g.num_image_tokens()))
+}
+
+/// The text that replaces one `<image>` for this grid.
+#[pyfunction]
+#[pyo3(signature = (rows, cols, tile, thumbnail=None))]
+pub fn placeholder_text(py: Python<'_>, rows: usize, cols: usize, tile: (usize, usize), thumbnail: Option<(usize, usize)>) -> PyResult<String> {
+    let g = TileGrid::new(rows, cols, tile, thumbnail).map_err(|e| to_py_err(py, e))?;
+    Ok(preproc::placeholder_text(&g))
+}
+
+fn pixels(py: Python<'_>, src: ImageSource, limits: &DecodeLimits) -> PyResult<RgbImage> {
+    detached(py, || match src {
+        ImageSource::Pixels(p) => Ok(p),
+        ImageSource::Bytes(b) => core_decode(&b, limits),
+        ImageSource::Path(p) => {
+            let bytes = std::fs::read(&p).map_err(|e| lfm_core::Error::io(&p, e))?;
+            core_decode(&bytes, limits)
+        }
+    })
+}
+
+/// Decodes an image to a uint8 `HxWx3` array, EXIF orientation applied.
+#[pyfunction]
+pub fn decode<'py>(py: Python<'py>, image: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    let img = pixels(py, image_source(image)?, &DecodeLimits::default())?;
+    let (h, w) = (img.height as usize, img.width as usize);
+    Ok(PyArray1::from_vec(py, img.data).reshape([h, w, 3])?.into_any())
+}
+
+/// Preprocesses one image: `(pixel_values, pixel_attention_mask, spatial_shapes, grid)`.
+#[pyfunction]
+pub fn preprocess<'py>(
+    py: Python<'py>,
+    image: &Bound<'py, PyAny>,
+    budget_json: &str,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>, GridTuple)> {
+    let b = budget(py, budget_json)?;
+    let src = image_source(image)?;
+    let img = pixels(py, src, &DecodeLimits::default())?;
+    let pre = detached(py, || Preprocessor::new(b)?.preprocess(&img))?;
+    let (n, p, d) = (pre.num_entries, pre.patches_per_entry, pre.patch_dim);
+    Ok((
+        PyArray1::from_vec(py, pre.pixel_values).reshape([n, p, d])?.into_any(),
+        PyArray1::from_vec(py, pre.pixel_attention_mask).reshape([n, p])?.into_any(),
+        PyArray1::from_vec(py, pre.spatial_shapes).reshape([n, 2])?.into_any(),
+        grid_tuple(&pre.grid),
+    ))
+}
+
+/// Renders messages (JSON) with a chat template (the bundled one when `template` is None).
+#[pyfunction]
+#[pyo3(signature = (messages_json, tools_json=None, add_generation_prompt=true, template=None, bos_token="<|startoftext|>"))]
+pub fn apply_chat_template(
+    py: Python<'_>,
+    messages_json: &str,
+    tools_json: Option<&str>,
+    add_generation_prompt: bool,
+    template: Option<&str>,
+    bos_token: &str,
+) -> PyResult<String> {
+    let parse = |s: &str| {
+        serde_json::from_str::<serde_json::Value>(s).map_err(|e| PyValueError::new_err(format!("not JSON-serialisable: {e}")))
+    };
+    let messages = parse(messages_json)?;
+    let tools = tools_json.map(parse).transpose()?;
+    let source = template.unwrap_or(lfm_core::files::bundled::CHAT_TEMPLATE_JINJA).to_string();
+    let bos = bos_token.to_string();
+    detached(py, move || {
+        lfm_core::chat::ChatTemplate::new(&source)?.render(&messages, tools.as_ref(), add_generation_prompt, &bos)
+    })
+}
