@@ -1,0 +1,131 @@
+"""Decoding on the tiny models equals transformers: prompt ids, first-step logits and
+greedy ids (repetition penalty 1.0, 1.05 and 1.5), for text-only, one-image, multi-tile,
+two-image and multi-turn conversations, on two models of different widths and layer
+layouts. Goldens: scripts/make_fixtures.py."""
+
+from __future__ import annotations
+
+import io
+from functools import cache
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import MODEL_NAMES, MODELS, golden, grad
+
+import lfm
+
+
+@cache
+def engine(model: str, budget: str) -> lfm.Engine:
+    budgets = golden(f"generate_{model}.json")["budgets"]
+    opts = lfm.EngineOptions(image_budget=lfm.ImageBudget(**budgets[budget]), intra_threads=1)
+    return lfm.Engine.from_dir(MODELS / model, opts)
+
+
+def cases() -> list[Any]:
+    return [
+        pytest.param(model, case, id=f"{model}-{case['name']}")
+        for model in MODEL_NAMES
+        for case in golden(f"generate_{model}.json")["cases"]
+    ]
+
+
+def images_of(case: dict[str, Any]) -> list[np.ndarray]:
+    return [grad(i["width"], i["height"]) for i in case["images"]]
+
+
+@pytest.mark.parametrize(("model", "case"), cases())
+def test_prompt_ids(model: str, case: dict[str, Any]) -> None:
+    e = engine(model, case["budget"])
+    assert e.apply_chat_template(case["messages"]) == case["prompt_text"]
+    assert e.encode_prompt(case["messages"], images_of(case)) == case["prompt_ids"]
+
+
+@pytest.mark.parametrize(("model", "case"), cases())
+def test_first_logits(model: str, case: dict[str, Any]) -> None:
+    logits = engine(model, case["budget"]).next_token_logits(case["messages"], images_of(case))
+    want = np.asarray(case["first_logits"], dtype=np.float32)
+    assert logits.dtype == np.float32 and logits.shape == want.shape
+    tol = 1e-4 * max(1.0, float(np.abs(want).max()))
+    assert float(np.abs(logits - want).max()) <= tol
+
+
+@pytest.mark.parametrize(("model", "case"), cases())
+@pytest.mark.parametrize(("penalty", "key"), [(1.0, "new_ids"), (1.05, "new_ids_rep_penalty_1_05"), (1.5, "new_ids_rep_penalty_1_5")])
+def test_greedy_ids(model: str, case: dict[str, Any], penalty: float, key: str) -> None:
+    opts = lfm.RequestOptions(max_new_tokens=24, repetition_penalty=penalty)
+    gen = engine(model, case["budget"]).generate(case["messages"], images_of(case), opts)
+    assert list(gen.token_ids) == case[key]
+    assert gen.finish_reason == ("stop" if case[f"stopped_on_eos{key[7:]}"] else "length")
+    assert gen.usage == lfm.Usage(
+        prompt_tokens=len(case["prompt_ids"]),
+        image_tokens=case["image_token_count"],
+        completion_tokens=len(case[key]),
+    )
+    t = gen.timings
+    assert min(t.preprocess_s, t.vision_s, t.prefill_s, t.decode_s) >= 0.0
+    assert (t.vision_s > 0.0) == bool(case["images"])
+
+
+def test_png_bytes_and_paths_equal_pixels(tmp_path: Any) -> None:
+    """Encoded images (bytes, str path, PathLike, PIL) give the same prompt and logits as
+    their pixels: PNG is lossless and has no EXIF here."""
+    from PIL import Image
+
+    e = engine("tiny16", "default")
+    pixels = grad(300, 400)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    path = tmp_path / "grad.png"
+    path.write_bytes(buf.getvalue())
+    want = e.next_token_logits("Describe this image.", [pixels])
+    for image in (buf.getvalue(), str(path), path, Image.open(path)):
+        got = e.next_token_logits("Describe this image.", [image])
+        np.testing.assert_array_equal(got, want)
+
+
+def test_str_messages_are_one_user_turn() -> None:
+    e = engine("tiny16", "default")
+    img = grad(64, 64)
+    as_list = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    inline = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Hi"}]}]
+    want = e.encode_prompt(as_list, [img])
+    assert e.encode_prompt("Hi", [img]) == want
+    assert e.encode_prompt(inline) == want
+
+
+def test_greedy_is_deterministic_and_text_decodes_ids() -> None:
+    e = engine("tiny6", "default")
+    opts = lfm.RequestOptions(max_new_tokens=12, repetition_penalty=1.0)
+    a = e.generate("Tell me a story.", options=opts)
+    b = e.generate("Tell me a story.", options=opts.to_dict())
+    assert a.token_ids == b.token_ids and a.text == b.text
+    assert len(a.token_ids) == 12 and a.finish_reason == "length"
+
+
+def test_stop_string_ends_generation_without_it() -> None:
+    e = engine("tiny16", "default")
+    full = e.generate("Say something.", options=lfm.RequestOptions(max_new_tokens=24, repetition_penalty=1.0))
+    letters = [i for i in range(1, len(full.text)) if full.text[i - 1 : i + 1].isalpha() and full.text[i - 1 : i + 1].isascii()]
+    if not letters:
+        pytest.skip("the random model wrote no two ASCII letters in a row")
+    stop = full.text[letters[0] - 1 : letters[0] + 1]
+    gen = e.generate("Say something.", options=lfm.RequestOptions(max_new_tokens=24, repetition_penalty=1.0, stop=(stop,)))
+    assert gen.finish_reason == "stop"
+    assert gen.text == full.text[: full.text.find(stop)]
+    assert stop not in gen.text
+
+
+def test_timeout_cancels_with_partial_output() -> None:
+    e = engine("tiny16", "default")
+    gen = e.generate("Hello", options=lfm.RequestOptions(max_new_tokens=64, timeout_s=1e-9))
+    assert gen.finish_reason == "cancelled"
+    assert len(gen.token_ids) < 64
+
+
+def test_widths_are_read_from_the_graphs() -> None:
+    a, b = engine("tiny16", "default").spec, engine("tiny6", "default").spec
+    assert (a["hidden"], a["vocab"], a["num_layers"], a["kv_heads"], a["head_dim"]) == (64, 1024, 16, 2, 16)
+    assert (b["hidden"], b["vocab"], b["num_layers"], b["kv_heads"], b["head_dim"]) == (96, 896, 6, 1, 24)
+    assert b["layer_types"] == ["conv", "conv", "attention", "conv", "attention", "conv"]
