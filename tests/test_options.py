@@ -1,0 +1,96 @@
+"""Options: defaults from SPEC, keyword-only and frozen, validated in Rust with errors that
+name the field, the value and the allowed range, and dict round-trips."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import lfm
+
+
+def test_defaults() -> None:
+    r = lfm.RequestOptions()
+    assert (r.max_new_tokens, r.min_new_tokens, r.temperature, r.top_k, r.top_p, r.min_p) == (512, 0, 0.0, 0, 1.0, 0.0)
+    assert (r.repetition_penalty, r.seed, r.stop) == (1.05, None, ())
+    m = lfm.RequestOptions.model_card()
+    assert (m.temperature, m.min_p, m.repetition_penalty) == (0.1, 0.15, 1.05)
+    e = lfm.EngineOptions()
+    assert (e.variant, e.providers, e.max_batch_size) == ("fp32", ("cpu",), 8)
+    assert e.image_budget == lfm.ImageBudget() == lfm.ImageBudget.quality()
+    lim = lfm.Limits()
+    assert (lim.max_messages, lim.max_content_parts, lim.max_text_bytes) == (1024, 8192, 2_048_000)
+    assert (lim.max_image_side, lim.max_decoded_image_bytes, lim.context_tokens) == (16384, 256 * 1024 * 1024, 128_000)
+
+
+def test_keyword_only_and_frozen() -> None:
+    with pytest.raises(TypeError):
+        lfm.RequestOptions(10)  # type: ignore[misc]
+    r = lfm.RequestOptions()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.temperature = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "field"),
+    [
+        (lfm.RequestOptions, {"max_new_tokens": 0}, "max_new_tokens"),
+        (lfm.RequestOptions, {"max_new_tokens": 10**6}, "max_new_tokens"),
+        (lfm.RequestOptions, {"min_new_tokens": 600}, "min_new_tokens"),
+        (lfm.RequestOptions, {"temperature": -0.5}, "temperature"),
+        (lfm.RequestOptions, {"temperature": float("nan")}, "temperature"),
+        (lfm.RequestOptions, {"top_p": 0.0}, "top_p"),
+        (lfm.RequestOptions, {"top_p": 1.5}, "top_p"),
+        (lfm.RequestOptions, {"min_p": -0.1}, "min_p"),
+        (lfm.RequestOptions, {"repetition_penalty": 0.0}, "repetition_penalty"),
+        (lfm.RequestOptions, {"stop": ("",)}, "stop"),
+        (lfm.RequestOptions, {"timeout_s": -1.0}, "timeout_s"),
+        (lfm.ImageBudget, {"max_tiles": 11}, "image_budget.max_tiles"),
+        (lfm.ImageBudget, {"min_image_tokens": 0}, "image_budget.min_image_tokens"),
+        (lfm.ImageBudget, {"max_image_tokens": 2000}, "image_budget.max_image_tokens"),
+        (lfm.ImageBudget, {"max_pixels_tolerance": 0.0}, "image_budget.max_pixels_tolerance"),
+        (lfm.Limits, {"context_tokens": 0}, "limits.context_tokens"),
+        (lfm.EngineOptions, {"providers": ("tpu",)}, "providers"),
+        (lfm.EngineOptions, {"variant": "q3"}, "engine"),
+        (lfm.EngineOptions, {"max_batch_size": 0}, "max_batch_size"),
+        (lfm.EngineOptions, {"intra_threads": 0}, "intra_threads"),
+    ],
+)
+def test_out_of_range_values_are_refused(cls: type, kwargs: dict, field: str) -> None:
+    with pytest.raises(lfm.InvalidOptionsError) as info:
+        cls(**kwargs)
+    err = info.value
+    assert isinstance(err, ValueError) and isinstance(err, lfm.LfmError)
+    assert err.field == field
+    assert err.value is not None and err.limit is not None
+    assert field.split(".")[-1] in str(err)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        lfm.RequestOptions(max_new_tokens=7, temperature=0.7, top_k=5, top_p=0.9, seed=3, stop=("x", "yz")),
+        lfm.ImageBudget.fast(),
+        lfm.Limits(context_tokens=4096),
+        lfm.EngineOptions(variant={"decoder_model_merged": "q4"}, image_budget=lfm.ImageBudget.single_tile(64)),
+    ],
+)
+def test_dict_round_trip(opts: object) -> None:
+    d = opts.to_dict()  # type: ignore[attr-defined]
+    assert type(opts).from_dict(d) == opts  # type: ignore[attr-defined]
+
+
+def test_unknown_keys_name_the_allowed_ones() -> None:
+    with pytest.raises(lfm.InvalidOptionsError) as info:
+        lfm.RequestOptions.from_dict({"temperatur": 0.5})
+    msg = str(info.value)
+    assert "temperatur" in msg and "temperature" in msg and "max_new_tokens" in msg
+    with pytest.raises(lfm.InvalidOptionsError):
+        lfm.EngineOptions.from_dict({"image_budget": {"max_tile": 3}})
+
+
+def test_options_accept_dicts_where_objects_go() -> None:
+    e = lfm.EngineOptions(image_budget={"max_tiles": 4}, limits={"max_messages": 3})  # type: ignore[arg-type]
+    assert e.image_budget.max_tiles == 4 and e.limits.max_messages == 3
+    assert lfm.RequestOptions(stop="END").stop == ("END",)
