@@ -7,7 +7,7 @@
 use std::io::Cursor;
 
 use image::metadata::Orientation;
-use image::{DynamicImage, ImageDecoder, ImageReader};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 
 use crate::error::{Error, Result, catch_panic};
 
@@ -54,15 +54,15 @@ fn swaps_axes(o: Orientation) -> bool {
     )
 }
 
-fn open(bytes: &[u8]) -> Result<impl ImageDecoder + use<'_>> {
+fn open(bytes: &[u8]) -> Result<(ImageFormat, impl ImageDecoder + use<'_>)> {
     if bytes.is_empty() {
         return Err(decode_err("empty input (0 bytes)"));
     }
     let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(decode_err)?;
-    if reader.format().is_none() {
+    let Some(format) = reader.format() else {
         return Err(decode_err("unrecognised format (supported: JPEG, PNG, WebP)"));
-    }
-    reader.into_decoder().map_err(decode_err)
+    };
+    Ok((format, reader.into_decoder().map_err(decode_err)?))
 }
 
 fn check_header(dec: &mut impl ImageDecoder, limits: &DecodeLimits) -> Result<ImageHeader> {
@@ -87,14 +87,20 @@ fn check_header(dec: &mut impl ImageDecoder, limits: &DecodeLimits) -> Result<Im
 
 /// Reads only the header: oriented size, checked against `limits`.
 pub fn probe(bytes: &[u8], limits: &DecodeLimits) -> Result<ImageHeader> {
-    catch_panic("image header", || check_header(&mut open(bytes)?, limits))
+    catch_panic("image header", || check_header(&mut open(bytes)?.1, limits))
 }
 
 /// Decodes `bytes` (JPEG, PNG or WebP) to RGB with the EXIF orientation applied.
 pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage> {
     catch_panic("image decode", || {
-        let mut dec = open(bytes)?;
+        let (format, mut dec) = open(bytes)?;
         let header = check_header(&mut dec, limits)?;
+        if format == ImageFormat::Jpeg {
+            drop(dec);
+            let mut img = super::jpeg::decode_jpeg(bytes)?;
+            super::jpeg::apply_orientation(&mut img, header.orientation);
+            return Ok(img);
+        }
         let mut il = image::Limits::default();
         il.max_image_width = Some(limits.max_side);
         il.max_image_height = Some(limits.max_side);

@@ -2,6 +2,8 @@
 
 #[cfg(feature = "decoders")]
 pub mod decode;
+#[cfg(feature = "decoders")]
+mod jpeg;
 pub mod pixels;
 pub mod placeholder;
 pub mod plan;
