@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from . import chat, preproc
 from ._lfm import __version__
-from .engine import Engine
+from .engine import Engine, TextStream
+from .grammar import Grammar
+from .image_analysis import ImageAnalysis, ImageAnalysisTask
+from .tasks import FieldEnd, JsonTask, Task
 from .errors import (
     GrammarError,
     ImageError,
@@ -26,6 +29,13 @@ from .results import Generation, Timings, Usage
 __all__ = [
     "Engine",
     "EngineOptions",
+    "FieldEnd",
+    "Grammar",
+    "ImageAnalysis",
+    "ImageAnalysisTask",
+    "JsonTask",
+    "Task",
+    "TextStream",
     "Generation",
     "GrammarError",
     "ImageBudget",

@@ -12,9 +12,11 @@ import numpy as np
 from . import _lfm, _ort
 from ._images import ImageLike
 from ._messages import Messages, prepare, template_json
-from .errors import LfmError
+from .errors import LfmError, ParseError
+from .grammar import Grammar
 from .options import EngineOptions, RequestOptions, coerce
 from .results import Generation
+from .tasks import Out, Task
 
 
 class Engine:
@@ -57,13 +59,54 @@ class Engine:
         messages: Messages,
         images: Iterable[ImageLike] = (),
         options: RequestOptions | Mapping[str, Any] | None = None,
+        grammar: Grammar | None = None,
     ) -> Generation:
         """Generates a reply. ``messages`` is a str (one user turn: images, then the text)
-        or HF chat messages; ``images`` bind in order to image parts without an image."""
+        or HF chat messages; ``images`` bind in order to image parts without an image.
+        With ``grammar``, the output follows it (``finish_reason="grammar"`` once complete,
+        ``"length"`` with the partial text when ``max_new_tokens`` cut it)."""
         opts = coerce(RequestOptions, options)
         text, imgs = prepare(messages, images)
-        d = self._check_process().generate(text, imgs, json.dumps(opts.to_dict()))
+        d = self._check_process().generate(text, imgs, json.dumps(opts.to_dict()), _grammar_spec(grammar))
         return Generation._from_core(d)
+
+    def stream(
+        self,
+        messages: Messages,
+        images: Iterable[ImageLike] = (),
+        options: RequestOptions | Mapping[str, Any] | None = None,
+        grammar: Grammar | None = None,
+    ) -> TextStream:
+        """Like ``generate``, yielding text as it is produced (never splitting a character;
+        the pieces join to ``generate(...).text``). After the last piece, the iterator's
+        ``generation`` holds the whole ``Generation``."""
+        opts = coerce(RequestOptions, options)
+        text, imgs = prepare(messages, images)
+        core = self._check_process().stream(text, imgs, json.dumps(opts.to_dict()), _grammar_spec(grammar))
+        return TextStream(core)
+
+    def run(
+        self,
+        task: Task[Out],
+        images: Iterable[ImageLike] = (),
+        options: RequestOptions | Mapping[str, Any] | None = None,
+    ) -> Out:
+        """Runs a task: one user turn (the images, then ``task.prompt()``), decoded under
+        ``task.grammar()``, parsed by the task. Output cut by ``max_new_tokens`` (or a
+        timeout) raises ``ParseError`` with the partial ``Generation`` as ``.generation``."""
+        gen = self.generate(task.prompt(), images, options, grammar=task.grammar())
+        if gen.finish_reason in ("length", "cancelled"):
+            err = ParseError(
+                f"the output was cut ({gen.finish_reason}) after {gen.usage.completion_tokens} tokens "
+                "before the grammar completed; raise max_new_tokens"
+            )
+            err.kind, err.generation = "incomplete", gen
+            raise err
+        try:
+            return task.parse_ended(gen.text, gen.field_ends)
+        except ParseError as e:
+            e.generation = gen
+            raise
 
     def encode_prompt(self, messages: Messages, images: Iterable[ImageLike] = ()) -> list[int]:
         """The full prompt ids after image expansion."""
@@ -87,4 +130,38 @@ class Engine:
         return rendered
 
 
-__all__ = ["Engine"]
+def _grammar_spec(grammar: Grammar | None) -> tuple[str, str] | None:
+    if grammar is None:
+        return None
+    if not isinstance(grammar, Grammar):
+        raise TypeError(f"grammar must be an lfm.Grammar, got {type(grammar).__name__}")
+    return grammar._spec()
+
+
+class TextStream:
+    """Iterator of text pieces; ``generation`` is set once it is exhausted."""
+
+    def __init__(self, core: Any) -> None:
+        self._core = core
+        self.generation: Generation | None = None
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            piece: str = next(self._core)
+            return piece
+        except StopIteration:
+            if self.generation is None:
+                result = self._core.result()
+                if result is not None:
+                    self.generation = Generation._from_core(result)
+            raise
+
+    def cancel(self) -> None:
+        """Stops the generation at the next decode step."""
+        self._core.cancel()
+
+
+__all__ = ["Engine", "TextStream"]

@@ -44,9 +44,14 @@ class GrammarError(LfmError, ValueError):
 
 
 class ParseError(LfmError, ValueError):
-    """The model's output does not parse as the task expects."""
+    """The model's output does not parse as the task expects. ``kind`` names the rule that
+    failed (``"json"``, ``"duplicate_field"``, ``"missing_fields"``, ...), ``fields`` the
+    fields involved, and ``generation`` holds the ``lfm.Generation`` when the text came
+    from ``engine.run``."""
 
     generation: object | None = None
+    kind: str | None = None
+    fields: tuple[str, ...] = ()
 
 
 class InferenceError(LfmError, RuntimeError):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, Literal
+
+from .tasks import FieldEnd
 
 FinishReason = Literal["stop", "length", "grammar", "cancelled"]
 
@@ -37,6 +40,8 @@ class Generation:
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
+    #: With a JSON Schema grammar: how each top-level string field ended.
+    field_ends: Mapping[str, FieldEnd] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def _from_core(cls, d: dict[str, Any]) -> Generation:
@@ -55,6 +60,7 @@ class Generation:
                 prefill_s=d["prefill_s"],
                 decode_s=d["decode_s"],
             ),
+            field_ends={k: FieldEnd(text=t, closed_by=c) for k, t, c in d.get("field_ends", ())},
         )
 
 

@@ -1,6 +1,7 @@
 //! The engine: admission, preprocessing, vision, prefill, and the decode loop.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use serde_json::Value;
@@ -8,7 +9,9 @@ use serde_json::Value;
 use crate::admission::check_messages;
 use crate::chat::ChatTemplate;
 use crate::error::{Error, Result};
+use crate::field_ends::FieldTracker;
 use crate::files::{ModelFiles, bundled};
+use crate::grammar::{Constraint, Grammar, GrammarCompiler};
 use crate::options::{EngineOptions, RequestOptions};
 use crate::preproc::decode::{DecodeLimits, decode, probe};
 use crate::preproc::pixels::preprocess_with_grid;
@@ -16,6 +19,7 @@ use crate::preproc::{Preprocessor, RgbImage, TileGrid, expand_placeholders};
 use crate::request::{Cancel, FinishReason, Generation, ImageSource, Timings, Usage};
 use crate::runtime::{HybridCache, Model, ModelSpec, SessionConfig};
 use crate::sampling::Sampler;
+use crate::stream::TextDeltas;
 use crate::tokenizer::TextTokenizer;
 
 /// An image that passed admission: its source (file contents read once) and its plan.
@@ -34,8 +38,8 @@ pub struct Prepared {
     preprocess_s: f64,
 }
 
-/// Called with each new token id; return `false` to stop.
-pub type TokenCallback<'a> = &'a mut dyn FnMut(u32) -> bool;
+/// Called with each new piece of text (see [`TextDeltas`]); return `false` to stop.
+pub type TextCallback<'a> = &'a mut dyn FnMut(&str) -> bool;
 
 /// A loaded model with its tokenizer, chat template and preprocessing.
 pub struct Engine {
@@ -45,6 +49,7 @@ pub struct Engine {
     preprocessor: Preprocessor,
     options: EngineOptions,
     seeds: AtomicU64,
+    grammars: OnceLock<Arc<GrammarCompiler>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -88,7 +93,7 @@ impl Engine {
         }
         let preprocessor = Preprocessor::new(options.image_budget)?;
         let seed0 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0x5eed);
-        Ok(Engine { model, tokenizer, template, preprocessor, options, seeds: AtomicU64::new(seed0) })
+        Ok(Engine { model, tokenizer, template, preprocessor, options, seeds: AtomicU64::new(seed0), grammars: OnceLock::new() })
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -235,16 +240,33 @@ impl Engine {
         opts.seed.unwrap_or_else(|| self.seeds.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed))
     }
 
-    /// Generates a reply to `messages`.
+    /// The grammar compiler for this engine's tokenizer, built on first use.
+    fn grammar_compiler(&self) -> Result<&Arc<GrammarCompiler>> {
+        if let Some(c) = self.grammars.get() {
+            return Ok(c);
+        }
+        let built = GrammarCompiler::new(self.tokenizer.inner(), self.model.spec.vocab, self.tokenizer.special.eos)?;
+        Ok(self.grammars.get_or_init(|| built))
+    }
+
+    /// Compiles `grammar` for this engine (the check `generate` does before model work).
+    pub fn constraint(&self, grammar: &Grammar) -> Result<Constraint> {
+        self.grammar_compiler()?.constraint(grammar)
+    }
+
+    /// Generates a reply to `messages`, constrained by `grammar` when given. `on_text`
+    /// receives the text as it is produced.
     pub fn generate(
         &self,
         messages: &Value,
         images: Vec<ImageSource>,
         opts: &RequestOptions,
+        grammar: Option<&Grammar>,
         cancel: &Cancel,
-        on_token: Option<TokenCallback<'_>>,
+        on_text: Option<TextCallback<'_>>,
     ) -> Result<Generation> {
         opts.validate()?;
+        let mut constraint = grammar.map(|g| self.constraint(g)).transpose()?;
         let prepared = self.prepare(messages, images, opts.max_new_tokens)?;
         let mut timings = Timings { preprocess_s: prepared.preprocess_s, ..Timings::default() };
         let (mut cache, mut logits) = self.prefill(&prepared, &mut timings)?;
@@ -252,34 +274,61 @@ impl Engine {
         let eos = self.tokenizer.special.eos;
         let mut sampler =
             Sampler::new(opts, self.next_seed(opts), eos, &prepared.prompt_ids, self.tokenizer.vocab_size);
+        let mut tracker = matches!(grammar, Some(Grammar::JsonSchema(_))).then(FieldTracker::new);
+        let mut deltas = TextDeltas::new(&opts.stop);
+        let mut on_text = on_text;
         let mut ids: Vec<u32> = Vec::new();
-        let mut on_token = on_token;
         let mut stop_cut: Option<usize> = None;
         let finish = loop {
             if cancel.is_cancelled() {
                 break FinishReason::Cancelled;
             }
+            if constraint.as_ref().is_some_and(|c| c.is_stopped()) {
+                break FinishReason::Grammar;
+            }
             if ids.len() >= opts.max_new_tokens {
                 break FinishReason::Length;
             }
+            let mask = match constraint.as_mut() {
+                Some(c) => Some(c.apply(&mut logits)?),
+                None => None,
+            };
             sampler.process(&mut logits, ids.len());
             let id = sampler.choose(&logits)?;
+            if let (Some(c), Some(tr), Some(m)) = (constraint.as_ref(), tracker.as_mut(), mask.as_ref()) {
+                let bytes = c.token_bytes(id);
+                let trie = c.tok_env().tok_trie();
+                tr.observe(&bytes, |prefix| {
+                    (0..m.len() as u32).any(|t| {
+                        m.is_allowed(t) && {
+                            let tb = trie.token(t);
+                            tb.len() > prefix.len() && tb.starts_with(prefix) && tb[prefix.len()] != b'"' && tb[prefix.len()] != 0xFF
+                        }
+                    })
+                });
+            }
+            if let Some(c) = constraint.as_mut() {
+                c.commit(id)?;
+            }
             if id == eos {
-                break FinishReason::Stop;
+                break if constraint.is_some() { FinishReason::Grammar } else { FinishReason::Stop };
             }
             ids.push(id);
             sampler.observe(id);
-            if let Some(cb) = on_token.as_mut() {
-                if !cb(id) {
-                    break FinishReason::Cancelled;
-                }
-            }
-            if !opts.stop.is_empty() {
+            if on_text.is_some() || !opts.stop.is_empty() {
                 let text = self.tokenizer.decode(&ids)?;
                 if let Some(cut) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
                     stop_cut = Some(cut);
                     break FinishReason::Stop;
                 }
+                if let (Some(cb), Some(delta)) = (on_text.as_mut(), deltas.push(&text)) {
+                    if !cb(&delta) {
+                        break FinishReason::Cancelled;
+                    }
+                }
+            }
+            if constraint.as_ref().is_some_and(|c| c.is_stopped()) {
+                break FinishReason::Grammar;
             }
             if ids.len() >= opts.max_new_tokens {
                 break FinishReason::Length;
@@ -292,6 +341,13 @@ impl Engine {
         if let Some(cut) = stop_cut {
             text.truncate(cut);
         }
+        if let (Some(cb), Some(rest)) = (on_text.as_mut(), deltas.finish(&text)) {
+            cb(&rest);
+        }
+        let field_ends = match (finish, tracker) {
+            (FinishReason::Grammar, Some(tr)) => tr.ends,
+            _ => Vec::new(),
+        };
         Ok(Generation {
             text,
             usage: Usage {
@@ -302,6 +358,7 @@ impl Engine {
             token_ids: ids,
             finish_reason: finish,
             timings,
+            field_ends,
         })
     }
 }

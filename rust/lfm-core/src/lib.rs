@@ -22,3 +22,8 @@ pub mod engine;
 pub mod files;
 pub mod request;
 pub mod admission;
+#[cfg(feature = "inference")]
+pub mod grammar;
+#[cfg(feature = "inference")]
+pub mod field_ends;
+pub mod stream;

@@ -63,6 +63,24 @@ pub struct Timings {
     pub decode_s: f64,
 }
 
+/// Who closed a string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closer {
+    /// The model chose to end the string: the grammar allowed more.
+    Model,
+    /// The grammar forced the closing quote.
+    Grammar,
+}
+
+/// One top-level string member of the answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldEnd {
+    pub key: String,
+    /// The decoded string value.
+    pub text: String,
+    pub closed_by: Closer,
+}
+
 /// The result of one generation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Generation {
@@ -72,6 +90,8 @@ pub struct Generation {
     pub finish_reason: FinishReason,
     pub usage: Usage,
     pub timings: Timings,
+    /// With a JSON Schema grammar: how each top-level string member ended.
+    pub field_ends: Vec<FieldEnd>,
 }
 
 /// A handle that stops a running request between decode steps.

@@ -49,7 +49,7 @@ fn check_model(name: &str) {
 
         for (penalty, key) in [(1.0, "new_ids"), (1.05, "new_ids_rep_penalty_1_05"), (1.5, "new_ids_rep_penalty_1_5")] {
             let req = RequestOptions { max_new_tokens: 24, repetition_penalty: penalty, ..Default::default() };
-            let g = engine.generate(messages, images(case), &req, &Cancel::new(), None).unwrap();
+            let g = engine.generate(messages, images(case), &req, None, &Cancel::new(), None).unwrap();
             let want: Vec<u32> = serde_json::from_value(case[key].clone()).unwrap();
             assert_eq!(g.token_ids, want, "{name}/{cname}: {key}");
         }

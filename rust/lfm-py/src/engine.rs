@@ -1,14 +1,21 @@
 //! `lfm._lfm.Engine`: convert arguments, release the GIL, call the core, map the error.
+//! Generation runs on a worker thread while the calling thread waits with the GIL
+//! released, waking every 50 ms to let Ctrl-C through (the request is then cancelled
+//! between two decode steps).
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use lfm_core::engine::Engine as CoreEngine;
 use lfm_core::files::ModelFiles;
+use lfm_core::grammar::Grammar;
 use lfm_core::options::{self, EngineOptions, RequestOptions};
-use lfm_core::request::{Cancel, Generation, ImageSource};
+use lfm_core::request::{Cancel, Closer, Generation, ImageSource};
 use numpy::PyArray1;
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyStopIteration, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
@@ -16,11 +23,28 @@ use crate::errors::{detached, to_py_err};
 use crate::images::image_source;
 
 fn json(s: &str) -> PyResult<serde_json::Value> {
-    serde_json::from_str(s).map_err(|e| PyValueError::new_err(format!("messages are not JSON-serialisable: {e}")))
+    serde_json::from_str(s).map_err(|e| PyValueError::new_err(format!("not valid JSON: {e}")))
 }
 
 fn sources(images: &Bound<'_, PyList>) -> PyResult<Vec<ImageSource>> {
     images.iter().map(|i| image_source(&i)).collect()
+}
+
+/// `(kind, source)` from Python to a core grammar.
+pub fn grammar(kind: &str, source: &str) -> PyResult<Grammar> {
+    match kind {
+        "json_schema" => Ok(Grammar::JsonSchema(json(source)?)),
+        "lark" => Ok(Grammar::Lark(source.to_string())),
+        "regex" => Ok(Grammar::Regex(source.to_string())),
+        other => Err(PyValueError::new_err(format!("unknown grammar kind {other:?}"))),
+    }
+}
+
+/// Compiles a grammar against a byte vocabulary; raises `GrammarError` on any problem.
+#[pyfunction]
+pub fn check_grammar(py: Python<'_>, kind: &str, source: &str) -> PyResult<()> {
+    let g = grammar(kind, source)?;
+    detached(py, move || g.check())
 }
 
 /// Loads ONNX Runtime from `path` (once per process); returns the path in use.
@@ -29,32 +53,57 @@ pub fn init_ort(py: Python<'_>, path: Option<PathBuf>) -> PyResult<String> {
     detached(py, || lfm_core::runtime::init(path.as_deref())).map(|p| p.display().to_string())
 }
 
-/// A cancellation handle shared with a running request.
-#[pyclass(frozen, module = "lfm._lfm")]
-pub struct CancelToken {
-    pub inner: Cancel,
+enum Event {
+    Text(String),
+    Done(lfm_core::Result<Generation>),
 }
 
-#[pymethods]
-impl CancelToken {
-    #[new]
-    #[pyo3(signature = (timeout_s=None))]
-    fn new(timeout_s: Option<f64>) -> Self {
-        CancelToken { inner: Cancel::new().with_timeout(timeout_s) }
-    }
-
-    fn cancel(&self) {
-        self.inner.cancel();
-    }
-
-    fn is_cancelled(&self) -> bool {
-        self.inner.is_cancelled()
-    }
+/// Everything one generation needs, owned, so it can move to the worker thread.
+struct Job {
+    engine: Arc<CoreEngine>,
+    messages: serde_json::Value,
+    images: Vec<ImageSource>,
+    options: RequestOptions,
+    grammar: Option<Grammar>,
+    cancel: Cancel,
 }
 
-#[pyclass(frozen, module = "lfm._lfm", name = "Engine")]
-pub struct PyEngine {
-    inner: Arc<CoreEngine>,
+fn spawn(job: Job, stream: bool) -> Receiver<Event> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        let text_tx = tx.clone();
+        let mut forward = |delta: &str| text_tx.send(Event::Text(delta.to_string())).is_ok();
+        let result = lfm_core::error::catch_panic("generate", || {
+            let on_text: Option<&mut dyn FnMut(&str) -> bool> = if stream { Some(&mut forward) } else { None };
+            job.engine.generate(&job.messages, job.images, &job.options, job.grammar.as_ref(), &job.cancel, on_text)
+        });
+        let _ = tx.send(Event::Done(result));
+    });
+    rx
+}
+
+/// Waits for the next event with the GIL released; Ctrl-C cancels the request, waits for
+/// the worker to stop, and raises `KeyboardInterrupt`.
+fn next_event(py: Python<'_>, rx: &Receiver<Event>, cancel: &Cancel) -> PyResult<Event> {
+    loop {
+        match py.detach(|| rx.recv_timeout(Duration::from_millis(50))) {
+            Ok(ev) => return Ok(ev),
+            Err(RecvTimeoutError::Timeout) => {
+                if let Err(interrupt) = py.check_signals() {
+                    cancel.cancel();
+                    py.detach(|| while let Ok(ev) = rx.recv() {
+                        if matches!(ev, Event::Done(_)) {
+                            break;
+                        }
+                    });
+                    return Err(interrupt);
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(to_py_err(py, lfm_core::Error::Internal("the generation thread vanished".into())));
+            }
+        }
+    }
 }
 
 fn generation_dict<'py>(py: Python<'py>, g: Generation) -> PyResult<Bound<'py, PyDict>> {
@@ -69,7 +118,90 @@ fn generation_dict<'py>(py: Python<'py>, g: Generation) -> PyResult<Bound<'py, P
     d.set_item("vision_s", g.timings.vision_s)?;
     d.set_item("prefill_s", g.timings.prefill_s)?;
     d.set_item("decode_s", g.timings.decode_s)?;
+    let ends: Vec<(String, String, &str)> = g
+        .field_ends
+        .into_iter()
+        .map(|f| (f.key, f.text, if f.closed_by == Closer::Model { "model" } else { "grammar" }))
+        .collect();
+    d.set_item("field_ends", ends)?;
     Ok(d)
+}
+
+/// A running generation whose text arrives piece by piece.
+#[pyclass(frozen, module = "lfm._lfm")]
+pub struct Stream {
+    rx: Mutex<Option<Receiver<Event>>>,
+    cancel: Cancel,
+    result: Mutex<Option<Py<PyDict>>>,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // Abandoned streams stop their worker at the next decode step.
+        self.cancel.cancel();
+    }
+}
+
+#[pymethods]
+impl Stream {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<String> {
+        let mut guard = self.rx.lock().map_err(|_| PyValueError::new_err("stream used from two threads at once"))?;
+        let Some(rx) = guard.as_ref() else {
+            return Err(PyStopIteration::new_err(()));
+        };
+        match next_event(py, rx, &self.cancel) {
+            Ok(Event::Text(t)) => Ok(t),
+            Ok(Event::Done(result)) => {
+                *guard = None;
+                let g = result.map_err(|e| to_py_err(py, e))?;
+                *self.result.lock().map_err(|_| PyValueError::new_err("poisoned"))? = Some(generation_dict(py, g)?.unbind());
+                Err(PyStopIteration::new_err(()))
+            }
+            Err(e) => {
+                *guard = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// The finished generation (a dict), or None before the stream is exhausted.
+    fn result(&self, py: Python<'_>) -> Option<Py<PyDict>> {
+        self.result.lock().ok().and_then(|r| r.as_ref().map(|d| d.clone_ref(py)))
+    }
+
+    fn cancel(&self) {
+        self.cancel.cancel();
+    }
+}
+
+#[pyclass(frozen, module = "lfm._lfm", name = "Engine")]
+pub struct PyEngine {
+    inner: Arc<CoreEngine>,
+}
+
+impl PyEngine {
+    fn job(
+        &self,
+        messages_json: &str,
+        images: &Bound<'_, PyList>,
+        options_json: &str,
+        grammar_spec: Option<(String, String)>,
+    ) -> PyResult<Job> {
+        let py = images.py();
+        let options: RequestOptions = options::from_json("request", options_json).map_err(|e| to_py_err(py, e))?;
+        Ok(Job {
+            engine: self.inner.clone(),
+            messages: json(messages_json)?,
+            images: sources(images)?,
+            cancel: Cancel::new().with_timeout(options.timeout_s),
+            grammar: grammar_spec.map(|(k, s)| grammar(&k, &s)).transpose()?,
+            options,
+        })
+    }
 }
 
 #[pymethods]
@@ -127,25 +259,44 @@ impl PyEngine {
         Ok(PyArray1::from_vec(py, row))
     }
 
+    /// Compiles a grammar for this engine's tokenizer (raises `GrammarError`).
+    fn check_grammar(&self, py: Python<'_>, kind: &str, source: &str) -> PyResult<()> {
+        let g = grammar(kind, source)?;
+        let engine = self.inner.clone();
+        detached(py, move || engine.constraint(&g).map(|_| ()))
+    }
+
     /// Generates; returns a dict the Python layer turns into `lfm.Generation`.
-    #[pyo3(signature = (messages_json, images, options_json, cancel=None))]
+    #[pyo3(signature = (messages_json, images, options_json, grammar=None))]
     fn generate<'py>(
         &self,
         py: Python<'py>,
         messages_json: &str,
         images: &Bound<'py, PyList>,
         options_json: &str,
-        cancel: Option<&Bound<'py, CancelToken>>,
+        grammar: Option<(String, String)>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let messages = json(messages_json)?;
-        let srcs = sources(images)?;
-        let opts: RequestOptions = options::from_json("request", options_json).map_err(|e| to_py_err(py, e))?;
-        let cancel = match cancel {
-            Some(c) => c.get().inner.clone(),
-            None => Cancel::new().with_timeout(opts.timeout_s),
-        };
-        let engine = self.inner.clone();
-        let g = detached(py, move || engine.generate(&messages, srcs, &opts, &cancel, None))?;
-        generation_dict(py, g)
+        let job = self.job(messages_json, images, options_json, grammar)?;
+        let cancel = job.cancel.clone();
+        let rx = spawn(job, false);
+        loop {
+            if let Event::Done(result) = next_event(py, &rx, &cancel)? {
+                return generation_dict(py, result.map_err(|e| to_py_err(py, e))?);
+            }
+        }
+    }
+
+    /// Starts a generation whose text arrives through the returned `Stream`.
+    #[pyo3(signature = (messages_json, images, options_json, grammar=None))]
+    fn stream(
+        &self,
+        messages_json: &str,
+        images: &Bound<'_, PyList>,
+        options_json: &str,
+        grammar: Option<(String, String)>,
+    ) -> PyResult<Stream> {
+        let job = self.job(messages_json, images, options_json, grammar)?;
+        let cancel = job.cancel.clone();
+        Ok(Stream { rx: Mutex::new(Some(spawn(job, true))), cancel, result: Mutex::new(None) })
     }
 }

@@ -20,6 +20,7 @@ fn _lfm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(preproc::apply_chat_template, m)?)?;
     m.add_function(wrap_pyfunction!(engine::init_ort, m)?)?;
     m.add_class::<engine::PyEngine>()?;
-    m.add_class::<engine::CancelToken>()?;
+    m.add_class::<engine::Stream>()?;
+    m.add_function(wrap_pyfunction!(engine::check_grammar, m)?)?;
     Ok(())
 }
