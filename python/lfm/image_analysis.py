@@ -189,7 +189,7 @@ class ImageAnalysisTask(Task[ImageAnalysis]):
                 raise parse_error(f"cannot parse model output: not JSON ({e})", "json") from None
         except _NotJson as e:
             raise parse_error(f"cannot parse model output: not JSON ({e})", "json") from None
-        if not isinstance(pairs, list):
+        if not isinstance(pairs, _Pairs):
             raise parse_error(
                 f"cannot parse model output: missing fields {', '.join(self.fields)}", "missing_fields", self.fields
             )
@@ -269,6 +269,10 @@ class _NotJson(ValueError):
     pass
 
 
+class _Pairs(list):  # type: ignore[type-arg]
+    """A top-level object as its (key, value) pairs, in order."""
+
+
 class _Truncated(ValueError):
     pass
 
@@ -304,7 +308,7 @@ def _load_top_level(text: str) -> Any:
     if _has_lone_surrogate(value):
         raise _NotJson("a lone UTF-16 surrogate escape")
     if isinstance(value, dict):
-        return top[-1]
+        return _Pairs(top[-1])
     return value
 
 

@@ -4,6 +4,7 @@ use std::sync::{Arc, OnceLock};
 
 use llguidance::api::{StopReason, TopLevelGrammar};
 use llguidance::{Matcher, ParserFactory};
+use serde_json::Value;
 use toktrie_hf_tokenizers::ByteTokenizer;
 
 use crate::error::{Error, Result, catch_panic};
@@ -32,13 +33,7 @@ impl Grammar {
     /// loop on) unless the schema sets its own `x-guidance` options.
     fn top_level(&self) -> TopLevelGrammar {
         match self {
-            Grammar::JsonSchema(schema) => {
-                let mut schema = schema.clone();
-                if let Some(obj) = schema.as_object_mut() {
-                    obj.entry("x-guidance").or_insert_with(|| serde_json::json!({"whitespace_flexible": false}));
-                }
-                TopLevelGrammar::from_json_schema(schema)
-            }
+            Grammar::JsonSchema(schema) => TopLevelGrammar::from_json_schema(llguidance_schema(schema)),
             Grammar::Lark(src) => TopLevelGrammar::from_lark(src.clone()),
             Grammar::Regex(rx) => TopLevelGrammar::from_regex(rx),
         }
@@ -59,6 +54,89 @@ impl Grammar {
             .as_ref()
             .map_err(|e| Error::Internal(format!("grammar checker: {e}")))?;
         Constraint::new(factory, self).map(|_| ())
+    }
+}
+
+/// The schema with llguidance options: compact JSON (free whitespace lets small models
+/// loop), and `oneOf` compiled as `anyOf` when every `oneOf` is provably exclusive (so
+/// the two accept the same documents); options the schema sets itself are kept.
+fn llguidance_schema(schema: &Value) -> Value {
+    let mut out = schema.clone();
+    let exclusive = one_ofs_exclusive(schema, schema, 0);
+    if let Some(obj) = out.as_object_mut() {
+        let xg = obj.entry("x-guidance").or_insert_with(|| Value::Object(Default::default()));
+        if let Some(x) = xg.as_object_mut() {
+            x.entry("whitespace_flexible").or_insert(Value::Bool(false));
+            if exclusive {
+                x.entry("coerce_one_of").or_insert(Value::Bool(true));
+            }
+        }
+    }
+    out
+}
+
+/// Follows a local `$ref` (`#/...`) to its target.
+fn resolve<'a>(root: &'a Value, mut v: &'a Value) -> &'a Value {
+    for _ in 0..16 {
+        let Some(r) = v.get("$ref").and_then(Value::as_str) else { return v };
+        match r.strip_prefix('#').and_then(|p| root.pointer(p)) {
+            Some(t) => v = t,
+            None => return v,
+        }
+    }
+    v
+}
+
+/// The one value a schema allows, if it is a `const` or a one-element `enum`.
+fn single_value(v: &Value) -> Option<&Value> {
+    v.get("const").or_else(|| v.get("enum").and_then(Value::as_array).filter(|a| a.len() == 1).and_then(|a| a.first()))
+}
+
+/// Whether no document can match two branches of this `oneOf`.
+fn branches_exclusive(root: &Value, branches: &[Value]) -> bool {
+    let bs: Vec<&Value> = branches.iter().map(|b| resolve(root, b)).collect();
+    let distinct = |vals: Vec<Option<&Value>>| -> bool {
+        let vals: Option<Vec<&Value>> = vals.into_iter().collect();
+        vals.is_some_and(|v| (0..v.len()).all(|i| (i + 1..v.len()).all(|j| v[i] != v[j])))
+    };
+    // Constants.
+    if distinct(bs.iter().map(|b| single_value(b)).collect()) {
+        return true;
+    }
+    // Distinct primitive types (integer and number overlap).
+    let types: Vec<Option<&str>> = bs
+        .iter()
+        .map(|b| b.get("type").and_then(Value::as_str).map(|t| if t == "integer" { "number" } else { t }))
+        .collect();
+    if let Some(ts) = types.iter().copied().collect::<Option<Vec<&str>>>() {
+        if (0..ts.len()).all(|i| (i + 1..ts.len()).all(|j| ts[i] != ts[j])) {
+            return true;
+        }
+    }
+    // A required discriminator property with a distinct constant in every branch.
+    let Some(first) = bs.first().and_then(|b| b.get("properties")).and_then(Value::as_object) else { return false };
+    first.keys().any(|key| {
+        bs.iter().all(|b| {
+            b.get("required").and_then(Value::as_array).is_some_and(|r| r.iter().any(|x| x == key))
+        }) && distinct(bs.iter().map(|b| b.get("properties").and_then(|p| p.get(key)).map(|p| resolve(root, p)).and_then(single_value)).collect())
+    })
+}
+
+fn one_ofs_exclusive(root: &Value, v: &Value, depth: usize) -> bool {
+    if depth > 64 {
+        return false;
+    }
+    match v {
+        Value::Object(o) => {
+            if let Some(Value::Array(branches)) = o.get("oneOf") {
+                if !branches_exclusive(root, branches) {
+                    return false;
+                }
+            }
+            o.values().all(|c| one_ofs_exclusive(root, c, depth + 1))
+        }
+        Value::Array(a) => a.iter().all(|c| one_ofs_exclusive(root, c, depth + 1)),
+        _ => true,
     }
 }
 
@@ -163,5 +241,17 @@ mod tests {
         let e = Grammar::JsonSchema(unsupported).check().unwrap_err().to_string();
         assert!(e.contains("uniqueItems"), "{e}");
         assert!(Grammar::JsonSchema(serde_json::json!({"type": "integer"})).check().is_ok());
+    }
+
+    #[test]
+    fn exclusive_one_of_compiles_overlapping_one_of_is_refused() {
+        let tagged = serde_json::json!({"oneOf": [
+            {"type": "object", "properties": {"kind": {"const": "a"}, "x": {"type": "integer"}}, "required": ["kind"]},
+            {"$ref": "#/$defs/b"}
+        ], "$defs": {"b": {"type": "object", "properties": {"kind": {"const": "b"}}, "required": ["kind"]}}});
+        assert!(Grammar::JsonSchema(tagged).check().is_ok());
+        assert!(Grammar::JsonSchema(serde_json::json!({"oneOf": [{"type": "string"}, {"type": "integer"}]})).check().is_ok());
+        let overlapping = serde_json::json!({"oneOf": [{"type": "integer"}, {"type": "number"}]});
+        assert!(matches!(Grammar::JsonSchema(overlapping).check(), Err(Error::Grammar { .. })));
     }
 }

@@ -1,0 +1,60 @@
+"""Streaming: text pieces arrive as tokens are produced, never split a character, join
+to generate(...).text, and work with grammars and stop strings."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import MODELS
+
+import lfm
+
+
+@pytest.fixture(scope="module")
+def engine() -> lfm.Engine:
+    return lfm.Engine.from_dir(MODELS / "tiny16", lfm.EngineOptions(intra_threads=1))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pieces_join_to_the_generated_text(engine: lfm.Engine, seed: int) -> None:
+    opts = lfm.RequestOptions(max_new_tokens=40, temperature=1.0, seed=seed)
+    whole = engine.generate("Tell me something.", options=opts)
+    stream = engine.stream("Tell me something.", options=opts)
+    pieces = list(stream)
+    assert "".join(pieces) == whole.text
+    assert all(p and "\ufffd" not in p for p in pieces) or "\ufffd" in whole.text
+    assert stream.generation is not None and stream.generation.token_ids == whole.token_ids
+    assert stream.generation.finish_reason == whole.finish_reason
+
+
+def test_stream_with_grammar(engine: lfm.Engine) -> None:
+    g = lfm.Grammar.json_schema({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["n"], "additionalProperties": False})
+    stream = engine.stream("n?", options={"max_new_tokens": 30}, grammar=g)
+    text = "".join(stream)
+    assert stream.generation is not None and stream.generation.finish_reason == "grammar"
+    assert text == stream.generation.text and text.startswith('{"n":')
+
+
+def test_stream_with_stop_string(engine: lfm.Engine) -> None:
+    full = engine.generate("Go.", options=lfm.RequestOptions(max_new_tokens=30, repetition_penalty=1.0))
+    letters = [i for i in range(1, len(full.text)) if full.text[i - 1 : i + 1].isascii() and full.text[i - 1 : i + 1].isalpha()]
+    if not letters:
+        pytest.skip("no ASCII letter pair in the output")
+    stop = full.text[letters[0] - 1 : letters[0] + 1]
+    stream = engine.stream("Go.", options=lfm.RequestOptions(max_new_tokens=30, repetition_penalty=1.0, stop=(stop,)))
+    text = "".join(stream)
+    assert stream.generation is not None and stream.generation.finish_reason == "stop"
+    assert text == stream.generation.text == full.text[: full.text.find(stop)]
+
+
+def test_abandoned_stream_stops(engine: lfm.Engine) -> None:
+    stream = engine.stream("Go on.", options={"max_new_tokens": 2000})
+    next(stream)
+    stream.cancel()
+    rest = list(stream)
+    assert stream.generation is not None and stream.generation.finish_reason == "cancelled"
+    assert len(stream.generation.token_ids) < 2000 and isinstance(rest, list)
+
+
+def test_stream_errors_surface(engine: lfm.Engine) -> None:
+    with pytest.raises(lfm.RequestRejectedError):
+        list(engine.stream("bad <|im_end|> text"))
