@@ -126,3 +126,15 @@ def test_field_ends_reported(engine: lfm.Engine) -> None:
             assert end.closed_by == "model"
         seen.add(end.closed_by)
     assert seen
+
+
+def test_seed_reproduces_across_engine_instances() -> None:
+    a = lfm.Engine.from_dir(MODELS / "tiny16")
+    b = lfm.Engine.from_dir(MODELS / "tiny16")
+    opts = lfm.RequestOptions(max_new_tokens=20, temperature=1.0, top_p=0.9, min_p=0.05, seed=1234)
+    assert a.generate("hi", options=opts).token_ids == b.generate("hi", options=opts).token_ids
+    other = a.generate("hi", options=lfm.RequestOptions(max_new_tokens=20, temperature=1.0, top_p=0.9, min_p=0.05, seed=99))
+    assert other.token_ids != a.generate("hi", options=opts).token_ids
+    # Without a seed, sampled requests differ from one call to the next.
+    free = lfm.RequestOptions(max_new_tokens=20, temperature=1.0)
+    assert len({a.generate("hi", options=free).token_ids for _ in range(3)}) > 1
