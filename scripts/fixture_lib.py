@@ -227,17 +227,22 @@ def tiny_config(spec: dict):
 
 
 def build_model(spec: dict):
+    """The tiny model of ``spec`` (see ``init_model``)."""
+    return init_model(tiny_config(spec), spec["seed"])
+
+
+def init_model(cfg, seed: int):
     """fp32, eager attention, weights redrawn N(0, 1/sqrt(fan_in)) (biases N(0, 0.02)) so
-    logits have std ~1 and greedy decoding has no near-ties between runtimes."""
+    logits have std ~1 and greedy decoding has no near-ties between runtimes. Also used at
+    the real size by ``make_bench_model.py``."""
     import torch
     from transformers import Lfm2VlForConditionalGeneration
 
-    cfg = tiny_config(spec)
     for c in (cfg, cfg.text_config, cfg.vision_config):
         c._attn_implementation = "eager"
-    torch.manual_seed(spec["seed"])
+    torch.manual_seed(seed)
     model = Lfm2VlForConditionalGeneration(cfg).eval().float()
-    gen = torch.Generator().manual_seed(spec["seed"] * 1000 + 1)
+    gen = torch.Generator().manual_seed(seed * 1000 + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:

@@ -9,17 +9,15 @@ use serde_json::Value;
 use crate::admission::check_messages;
 use crate::chat::ChatTemplate;
 use crate::error::{Error, Result};
-use crate::field_ends::FieldTracker;
 use crate::files::{ModelFiles, bundled};
 use crate::grammar::{Constraint, Grammar, GrammarCompiler};
 use crate::options::{EngineOptions, RequestOptions};
 use crate::preproc::decode::{DecodeLimits, decode, probe};
 use crate::preproc::pixels::preprocess_with_grid;
 use crate::preproc::{Preprocessor, RgbImage, TileGrid, expand_placeholders};
-use crate::request::{Cancel, FinishReason, Generation, ImageSource, Timings, Usage};
+use crate::request::{Cancel, Generation, ImageSource, Timings};
 use crate::runtime::{HybridCache, Model, ModelSpec, SessionConfig};
-use crate::sampling::Sampler;
-use crate::stream::TextDeltas;
+use crate::sequence::{Sequence, Step, TextSink};
 use crate::tokenizer::TextTokenizer;
 
 /// An image that passed admission: its source (file contents read once) and its plan.
@@ -38,8 +36,6 @@ pub struct Prepared {
     preprocess_s: f64,
 }
 
-/// Called with each new piece of text (see [`TextDeltas`]); return `false` to stop.
-pub type TextCallback<'a> = &'a mut dyn FnMut(&str) -> bool;
 
 /// A loaded model with its tokenizer, chat template and preprocessing.
 pub struct Engine {
@@ -254,8 +250,38 @@ impl Engine {
         self.grammar_compiler()?.constraint(grammar)
     }
 
-    /// Generates a reply to `messages`, constrained by `grammar` when given. `on_text`
-    /// receives the text as it is produced.
+    /// Checks options, compiles the grammar, admits and prefills a request: a sequence
+    /// ready for its first decode step, its cache, and the logits of that step.
+    pub fn start(
+        &self,
+        messages: &Value,
+        images: Vec<ImageSource>,
+        opts: &RequestOptions,
+        grammar: Option<&Grammar>,
+        cancel: Cancel,
+        sink: Option<TextSink>,
+    ) -> Result<(Sequence, HybridCache, Vec<f32>)> {
+        opts.validate()?;
+        let constraint = grammar.map(|g| self.constraint(g)).transpose()?;
+        let prepared = self.prepare(messages, images, opts.max_new_tokens)?;
+        let mut timings = Timings { preprocess_s: prepared.preprocess_s, ..Timings::default() };
+        let (cache, logits) = self.prefill(&prepared, &mut timings)?;
+        let seq = Sequence::new(
+            opts.clone(),
+            self.next_seed(opts),
+            &self.tokenizer,
+            &prepared.prompt_ids,
+            prepared.image_tokens,
+            grammar.zip(constraint),
+            cancel,
+            sink,
+            timings,
+        );
+        Ok((seq, cache, logits))
+    }
+
+    /// Generates a reply to `messages` on the calling thread, alone (no batching),
+    /// constrained by `grammar` when given; `sink` receives the text as it is produced.
     pub fn generate(
         &self,
         messages: &Value,
@@ -263,102 +289,18 @@ impl Engine {
         opts: &RequestOptions,
         grammar: Option<&Grammar>,
         cancel: &Cancel,
-        on_text: Option<TextCallback<'_>>,
+        sink: Option<TextSink>,
     ) -> Result<Generation> {
-        opts.validate()?;
-        let mut constraint = grammar.map(|g| self.constraint(g)).transpose()?;
-        let prepared = self.prepare(messages, images, opts.max_new_tokens)?;
-        let mut timings = Timings { preprocess_s: prepared.preprocess_s, ..Timings::default() };
-        let (mut cache, mut logits) = self.prefill(&prepared, &mut timings)?;
-        let t = Instant::now();
-        let eos = self.tokenizer.special.eos;
-        let mut sampler =
-            Sampler::new(opts, self.next_seed(opts), eos, &prepared.prompt_ids, self.tokenizer.vocab_size);
-        let mut tracker = matches!(grammar, Some(Grammar::JsonSchema(_))).then(FieldTracker::new);
-        let mut deltas = TextDeltas::new(&opts.stop);
-        let mut on_text = on_text;
-        let mut ids: Vec<u32> = Vec::new();
-        let mut stop_cut: Option<usize> = None;
-        let finish = loop {
-            if cancel.is_cancelled() {
-                break FinishReason::Cancelled;
-            }
-            if constraint.as_ref().is_some_and(|c| c.is_stopped()) {
-                break FinishReason::Grammar;
-            }
-            if ids.len() >= opts.max_new_tokens {
-                break FinishReason::Length;
-            }
-            let mask = match constraint.as_mut() {
-                Some(c) => Some(c.apply(&mut logits)?),
-                None => None,
-            };
-            sampler.process(&mut logits, ids.len());
-            let id = sampler.choose(&logits)?;
-            if let (Some(c), Some(tr), Some(m)) = (constraint.as_ref(), tracker.as_mut(), mask.as_ref()) {
-                let bytes = c.token_bytes(id);
-                let trie = c.tok_env().tok_trie();
-                tr.observe(&bytes, |prefix| {
-                    (0..m.len() as u32).any(|t| {
-                        m.is_allowed(t) && {
-                            let tb = trie.token(t);
-                            tb.len() > prefix.len() && tb.starts_with(prefix) && tb[prefix.len()] != b'"' && tb[prefix.len()] != 0xFF
-                        }
-                    })
-                });
-            }
-            if let Some(c) = constraint.as_mut() {
-                c.commit(id)?;
-            }
-            if id == eos {
-                break if constraint.is_some() { FinishReason::Grammar } else { FinishReason::Stop };
-            }
-            ids.push(id);
-            sampler.observe(id);
-            if on_text.is_some() || !opts.stop.is_empty() {
-                let text = self.tokenizer.decode(&ids)?;
-                if let Some(cut) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                    stop_cut = Some(cut);
-                    break FinishReason::Stop;
-                }
-                if let (Some(cb), Some(delta)) = (on_text.as_mut(), deltas.push(&text)) {
-                    if !cb(&delta) {
-                        break FinishReason::Cancelled;
-                    }
+        let (mut seq, mut cache, mut logits) = self.start(messages, images, opts, grammar, cancel.clone(), sink)?;
+        let reason = loop {
+            match seq.advance(&mut logits, &self.tokenizer)? {
+                Step::Finished(r) => break r,
+                Step::Continue(id) => {
+                    let emb = self.model.embed(&[id])?;
+                    logits = self.model.decode(emb, 1, &mut cache)?;
                 }
             }
-            if constraint.as_ref().is_some_and(|c| c.is_stopped()) {
-                break FinishReason::Grammar;
-            }
-            if ids.len() >= opts.max_new_tokens {
-                break FinishReason::Length;
-            }
-            let emb = self.model.embed(&[id])?;
-            logits = self.model.decode(emb, 1, &mut cache)?;
         };
-        timings.decode_s = t.elapsed().as_secs_f64();
-        let mut text = self.tokenizer.decode(&ids)?;
-        if let Some(cut) = stop_cut {
-            text.truncate(cut);
-        }
-        if let (Some(cb), Some(rest)) = (on_text.as_mut(), deltas.finish(&text)) {
-            cb(&rest);
-        }
-        let field_ends = match (finish, tracker) {
-            (FinishReason::Grammar, Some(tr)) => tr.ends,
-            _ => Vec::new(),
-        };
-        Ok(Generation {
-            text,
-            usage: Usage {
-                prompt_tokens: prepared.prompt_ids.len(),
-                image_tokens: prepared.image_tokens,
-                completion_tokens: ids.len(),
-            },
-            token_ids: ids,
-            finish_reason: finish,
-            timings,
-            field_ends,
-        })
+        seq.finish(reason, &self.tokenizer)
     }
 }

@@ -27,3 +27,5 @@ pub mod grammar;
 #[cfg(feature = "inference")]
 pub mod field_ends;
 pub mod stream;
+#[cfg(feature = "inference")]
+pub mod sequence;

@@ -14,6 +14,7 @@ use lfm_core::files::ModelFiles;
 use lfm_core::grammar::Grammar;
 use lfm_core::options::{self, EngineOptions, RequestOptions};
 use lfm_core::request::{Cancel, Closer, Generation, ImageSource};
+use lfm_core::sequence::TextSink;
 use numpy::PyArray1;
 use pyo3::exceptions::{PyStopIteration, PyValueError};
 use pyo3::prelude::*;
@@ -72,10 +73,10 @@ fn spawn(job: Job, stream: bool) -> Receiver<Event> {
     let (tx, rx) = crossbeam_channel::unbounded();
     std::thread::spawn(move || {
         let text_tx = tx.clone();
-        let mut forward = |delta: &str| text_tx.send(Event::Text(delta.to_string())).is_ok();
+        let sink: Option<TextSink> =
+            stream.then(|| Box::new(move |delta: &str| text_tx.send(Event::Text(delta.to_string())).is_ok()) as TextSink);
         let result = lfm_core::error::catch_panic("generate", || {
-            let on_text: Option<&mut dyn FnMut(&str) -> bool> = if stream { Some(&mut forward) } else { None };
-            job.engine.generate(&job.messages, job.images, &job.options, job.grammar.as_ref(), &job.cancel, on_text)
+            job.engine.generate(&job.messages, job.images, &job.options, job.grammar.as_ref(), &job.cancel, sink)
         });
         let _ = tx.send(Event::Done(result));
     });

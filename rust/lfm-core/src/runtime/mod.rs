@@ -2,6 +2,7 @@
 
 pub mod graph;
 pub mod model;
+pub mod onnx_proto;
 pub mod tensor;
 
 use std::path::{Path, PathBuf};
