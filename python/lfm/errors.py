@@ -62,7 +62,13 @@ class InternalError(LfmError):
     """A bug in lfm (a broken invariant or a caught panic); please report it."""
 
 
+class LfmWarning(UserWarning):
+    """Something worked, but not as well as it could (e.g. batching was turned off
+    because it changed results on this model)."""
+
+
 __all__ = [
+    "LfmWarning",
     "GrammarError",
     "ImageError",
     "InferenceError",

@@ -92,6 +92,10 @@ impl Engine {
         Ok(Engine { model, tokenizer, template, preprocessor, options, seeds: AtomicU64::new(seed0), grammars: OnceLock::new() })
     }
 
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
     pub fn spec(&self) -> &ModelSpec {
         &self.model.spec
     }

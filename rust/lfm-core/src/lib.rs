@@ -29,3 +29,5 @@ pub mod field_ends;
 pub mod stream;
 #[cfg(feature = "inference")]
 pub mod sequence;
+#[cfg(feature = "inference")]
+pub mod scheduler;

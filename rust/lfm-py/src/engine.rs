@@ -14,7 +14,9 @@ use lfm_core::files::ModelFiles;
 use lfm_core::grammar::Grammar;
 use lfm_core::options::{self, EngineOptions, RequestOptions};
 use lfm_core::request::{Cancel, Closer, Generation, ImageSource};
+use lfm_core::scheduler::{Job, Scheduler};
 use lfm_core::sequence::TextSink;
+use std::sync::atomic::{AtomicBool, Ordering};
 use numpy::PyArray1;
 use pyo3::exceptions::{PyStopIteration, PyValueError};
 use pyo3::prelude::*;
@@ -59,9 +61,8 @@ enum Event {
     Done(lfm_core::Result<Generation>),
 }
 
-/// Everything one generation needs, owned, so it can move to the worker thread.
-struct Job {
-    engine: Arc<CoreEngine>,
+/// Everything one generation needs, owned, so it can move to the scheduler thread.
+struct Request {
     messages: serde_json::Value,
     images: Vec<ImageSource>,
     options: RequestOptions,
@@ -69,16 +70,22 @@ struct Job {
     cancel: Cancel,
 }
 
-fn spawn(job: Job, stream: bool) -> Receiver<Event> {
+/// Submits a request to the engine's scheduler; events arrive on the returned channel.
+fn submit(scheduler: &Scheduler, req: Request, stream: bool) -> Receiver<Event> {
     let (tx, rx) = crossbeam_channel::unbounded();
-    std::thread::spawn(move || {
-        let text_tx = tx.clone();
-        let sink: Option<TextSink> =
-            stream.then(|| Box::new(move |delta: &str| text_tx.send(Event::Text(delta.to_string())).is_ok()) as TextSink);
-        let result = lfm_core::error::catch_panic("generate", || {
-            job.engine.generate(&job.messages, job.images, &job.options, job.grammar.as_ref(), &job.cancel, sink)
-        });
-        let _ = tx.send(Event::Done(result));
+    let text_tx = tx.clone();
+    let sink: Option<TextSink> =
+        stream.then(|| Box::new(move |delta: &str| text_tx.send(Event::Text(delta.to_string())).is_ok()) as TextSink);
+    scheduler.submit(Job {
+        messages: req.messages,
+        images: req.images,
+        options: req.options,
+        grammar: req.grammar,
+        cancel: req.cancel,
+        sink,
+        reply: Box::new(move |result| {
+            let _ = tx.send(Event::Done(result));
+        }),
     });
     rx
 }
@@ -182,26 +189,41 @@ impl Stream {
 #[pyclass(frozen, module = "lfm._lfm", name = "Engine")]
 pub struct PyEngine {
     inner: Arc<CoreEngine>,
+    scheduler: Scheduler,
+    warned: AtomicBool,
 }
 
 impl PyEngine {
-    fn job(
+    fn request(
         &self,
         messages_json: &str,
         images: &Bound<'_, PyList>,
         options_json: &str,
         grammar_spec: Option<(String, String)>,
-    ) -> PyResult<Job> {
+    ) -> PyResult<Request> {
         let py = images.py();
         let options: RequestOptions = options::from_json("request", options_json).map_err(|e| to_py_err(py, e))?;
-        Ok(Job {
-            engine: self.inner.clone(),
+        Ok(Request {
             messages: json(messages_json)?,
             images: sources(images)?,
             cancel: Cancel::new().with_timeout(options.timeout_s),
             grammar: grammar_spec.map(|(k, s)| grammar(&k, &s)).transpose()?,
             options,
         })
+    }
+}
+
+impl PyEngine {
+    /// Issues `lfm.LfmWarning` once if the scheduler stopped batching on this model.
+    fn warn_fallback(&self, py: Python<'_>) -> PyResult<()> {
+        let reason = self.scheduler.fallback_reason.lock().ok().and_then(|r| r.clone());
+        if let Some(reason) = reason {
+            if !self.warned.swap(true, Ordering::Relaxed) {
+                let cls = py.import("lfm.errors")?.getattr("LfmWarning")?;
+                PyErr::warn(py, &cls, &std::ffi::CString::new(reason).unwrap_or_default(), 1)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -215,7 +237,8 @@ impl PyEngine {
             let files = ModelFiles::from_dir(&path, &opts.variant)?;
             CoreEngine::load(&files, opts)
         })?;
-        Ok(PyEngine { inner: Arc::new(engine) })
+        let inner = Arc::new(engine);
+        Ok(PyEngine { scheduler: Scheduler::start(inner.clone()), inner, warned: AtomicBool::new(false) })
     }
 
     /// Widths read from the graphs.
@@ -277,11 +300,12 @@ impl PyEngine {
         options_json: &str,
         grammar: Option<(String, String)>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let job = self.job(messages_json, images, options_json, grammar)?;
-        let cancel = job.cancel.clone();
-        let rx = spawn(job, false);
+        let req = self.request(messages_json, images, options_json, grammar)?;
+        let cancel = req.cancel.clone();
+        let rx = submit(&self.scheduler, req, false);
         loop {
             if let Event::Done(result) = next_event(py, &rx, &cancel)? {
+                self.warn_fallback(py)?;
                 return generation_dict(py, result.map_err(|e| to_py_err(py, e))?);
             }
         }
@@ -296,8 +320,8 @@ impl PyEngine {
         options_json: &str,
         grammar: Option<(String, String)>,
     ) -> PyResult<Stream> {
-        let job = self.job(messages_json, images, options_json, grammar)?;
-        let cancel = job.cancel.clone();
-        Ok(Stream { rx: Mutex::new(Some(spawn(job, true))), cancel, result: Mutex::new(None) })
+        let req = self.request(messages_json, images, options_json, grammar)?;
+        let cancel = req.cancel.clone();
+        Ok(Stream { rx: Mutex::new(Some(submit(&self.scheduler, req, true))), cancel, result: Mutex::new(None) })
     }
 }

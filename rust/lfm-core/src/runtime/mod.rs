@@ -1,5 +1,6 @@
 //! Everything that touches ONNX Runtime.
 
+pub mod batch;
 pub mod graph;
 pub mod model;
 pub mod onnx_proto;
@@ -11,6 +12,7 @@ use std::sync::OnceLock;
 use crate::error::{Error, Result};
 
 pub use graph::SessionConfig;
+pub use batch::{BatchCache, BatchSemantics};
 pub use model::{GraphPaths, HybridCache, LayerKind, Model, ModelSpec};
 
 static ORT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();

@@ -46,6 +46,8 @@ pub struct ModelSpec {
     /// Attention cache: `[batch, kv_heads, positions, head_dim]`.
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// How rows of a batch may be padded (from the decoder's attention operator).
+    pub batching: super::batch::BatchSemantics,
     pub vision_float: FloatType,
     pub embeds_float: FloatType,
     pub cache_float: FloatType,
@@ -61,6 +63,21 @@ pub enum LayerCache {
 pub struct HybridCache {
     pub layers: Vec<LayerCache>,
     pub past_len: usize,
+}
+
+/// Cache input names in layer order: `past_conv.i`, or `past_key_values.i.key` and `.value`.
+pub(crate) fn cache_input_names(layers: &[LayerKind]) -> Vec<String> {
+    let mut names = Vec::new();
+    for (i, k) in layers.iter().enumerate() {
+        match k {
+            LayerKind::Conv => names.push(past_conv(i)),
+            LayerKind::Attention => {
+                names.push(past_kv(i, "key"));
+                names.push(past_kv(i, "value"));
+            }
+        }
+    }
+    names
 }
 
 fn past_conv(i: usize) -> String {
@@ -143,7 +160,13 @@ impl Model {
         let vision = Graph::load(&paths.vision_encoder, config)?;
         let embed = Graph::load(&paths.embed_tokens, config)?;
         let decoder = Graph::load(&paths.decoder, config)?;
-        let spec = Self::check_contracts(&vision, &embed, &decoder)?;
+        let mut spec = Self::check_contracts(&vision, &embed, &decoder)?;
+        // GroupQueryAttention takes each row's length from its mask row; anything else is
+        // assumed to derive positions from the cache width.
+        let ops = super::onnx_proto::graph_ops(&paths.decoder)?;
+        if ops.iter().any(|(_, op)| op == "GroupQueryAttention") {
+            spec.batching = super::batch::BatchSemantics::MaskLengths;
+        }
         Ok(Model { spec, vision, embed, decoder })
     }
 
@@ -232,6 +255,7 @@ impl Model {
             kv_heads: kv.map_or(0, |k| k.0),
             head_dim: kv.map_or(0, |k| k.1),
             layers,
+            batching: super::batch::BatchSemantics::CacheWidth,
             vision_float: float(&pv),
             embeds_float: float(&din),
             cache_float: cache_float.flatten().unwrap_or(FloatType::F32),
@@ -296,35 +320,10 @@ impl Model {
         Ok(HybridCache { layers, past_len: 0 })
     }
 
-    /// Runs the decoder on `seq` new positions (`embeds` is `[seq * hidden]`), advances
-    /// `cache`, and returns the logits of the last position.
-    pub fn decode(&self, embeds: Vec<f32>, seq: usize, cache: &mut HybridCache) -> Result<Vec<f32>> {
+    /// Runs the decoder: the logits output and the new per-layer cache.
+    pub(crate) fn run_decoder(&self, inputs: Vec<(&str, SessionInputValue<'_>)>) -> Result<(DynValue, Vec<LayerCache>)> {
         const STAGE: &str = "decoder";
-        let s = &self.spec;
-        let total = cache.past_len + seq;
-        let x = float_value(STAGE, s.embeds_float, &[1, seq, s.hidden], embeds)?;
-        let mask = i64_value(STAGE, &[1, total], vec![1; total])?;
-        let names: Vec<(usize, String, Option<String>)> = cache
-            .layers
-            .iter()
-            .enumerate()
-            .map(|(i, l)| match l {
-                LayerCache::Conv { .. } => (i, past_conv(i), None),
-                LayerCache::Attention { .. } => (i, past_kv(i, "key"), Some(past_kv(i, "value"))),
-            })
-            .collect();
-        let mut inputs: Vec<(&str, SessionInputValue<'_>)> = vec![("inputs_embeds", x.into()), ("attention_mask", mask.into())];
-        for ((_, a, b), layer) in names.iter().zip(&cache.layers) {
-            match layer {
-                LayerCache::Conv { state } => inputs.push((a.as_str(), state.into())),
-                LayerCache::Attention { key, value } => {
-                    inputs.push((a.as_str(), key.into()));
-                    inputs.push((b.as_deref().unwrap_or_default(), value.into()));
-                }
-            }
-        }
         let outputs = self.decoder.run(STAGE, inputs)?;
-
         let mut logits = None;
         let mut by_name: std::collections::HashMap<String, DynValue> = std::collections::HashMap::new();
         for (name, v) in outputs {
@@ -335,22 +334,52 @@ impl Model {
             }
         }
         let logits = logits.ok_or_else(|| Error::inference(STAGE, "no logits"))?;
+        let mut take = |name: String| by_name.remove(&name).ok_or_else(|| Error::inference(STAGE, format!("output `{name}` missing")));
+        let layers = self
+            .spec
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, kind)| {
+                Ok(match kind {
+                    LayerKind::Conv => LayerCache::Conv { state: take(present_conv(i))? },
+                    LayerKind::Attention => {
+                        LayerCache::Attention { key: take(present_kv(i, "key"))?, value: take(present_kv(i, "value"))? }
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((logits, layers))
+    }
+
+    /// Runs the decoder on `seq` new positions (`embeds` is `[seq * hidden]`), advances
+    /// `cache`, and returns the logits of the last position.
+    pub fn decode(&self, embeds: Vec<f32>, seq: usize, cache: &mut HybridCache) -> Result<Vec<f32>> {
+        const STAGE: &str = "decoder";
+        let s = &self.spec;
+        let total = cache.past_len + seq;
+        let x = float_value(STAGE, s.embeds_float, &[1, seq, s.hidden], embeds)?;
+        let mask = i64_value(STAGE, &[1, total], vec![1; total])?;
+        let names = cache_input_names(&s.layers);
+        let mut inputs: Vec<(&str, SessionInputValue<'_>)> = vec![("inputs_embeds", x.into()), ("attention_mask", mask.into())];
+        let mut name_iter = names.iter();
+        for layer in &cache.layers {
+            match layer {
+                LayerCache::Conv { state } => inputs.push((name_iter.next().map(String::as_str).unwrap_or_default(), state.into())),
+                LayerCache::Attention { key, value } => {
+                    inputs.push((name_iter.next().map(String::as_str).unwrap_or_default(), key.into()));
+                    inputs.push((name_iter.next().map(String::as_str).unwrap_or_default(), value.into()));
+                }
+            }
+        }
+        let (logits, layers) = self.run_decoder(inputs)?;
         let last = (seq - 1) * s.vocab..seq * s.vocab;
         let (shape, row) = read_floats(STAGE, &logits, Some(last))?;
         if shape.len() != 3 || shape[1] as usize != seq || shape[2] as usize != s.vocab {
             return Err(Error::inference(STAGE, format!("logits have shape {shape:?}, expected [1, {seq}, {}]", s.vocab)));
         }
         check_finite(STAGE, &row)?;
-        let mut take = |name: String| by_name.remove(&name).ok_or_else(|| Error::inference(STAGE, format!("output `{name}` missing")));
-        for (i, layer) in cache.layers.iter_mut().enumerate() {
-            match layer {
-                LayerCache::Conv { state } => *state = take(present_conv(i))?,
-                LayerCache::Attention { key, value } => {
-                    *key = take(present_kv(i, "key"))?;
-                    *value = take(present_kv(i, "value"))?;
-                }
-            }
-        }
+        cache.layers = layers;
         cache.past_len = total;
         Ok(row)
     }

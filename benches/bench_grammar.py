@@ -1,0 +1,141 @@
+"""Per-token cost of grammar-constrained decoding at the real LFM2.5-VL-450M size.
+
+    /work/venvs/dev/bin/python benches/bench_grammar.py [MODEL_DIR] [--tokens 64] [--repeats 3]
+
+MODEL_DIR defaults to bench-models/real (built by scripts/make_bench_model.py). For one text
+prompt (no image), greedy decoding with repetition_penalty=1.0 is timed in three modes:
+
+  unconstrained   no grammar
+  json_schema     lfm.ImageAnalysisTask().grammar()
+  regex           Grammar.regex("[a-z ]{64,200}")
+
+Each run asks for ``--tokens`` new tokens (min_new_tokens = max_new_tokens, so EOS cannot end
+it early; a grammar may still complete earlier, see the token counts). Runs are interleaved
+(a, b, c, a, b, c, ...) after one warm-up round; the figure per mode is the median over the
+repeats of ``timings.decode_s / completion_tokens``. The difference constrained - unconstrained
+per token is the grammar's cost per token (mask computation, applying it, advancing the
+parser). Grammar compilation happens before prefill and is reported apart ("compile").
+
+Writes a markdown table to stdout and to --out (default benches/results/grammar.md).
+Needs only lfm and numpy.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import lfm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TARGET_PCT = 5.0
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir", nargs="?", default=os.path.join(ROOT, "bench-models", "real"))
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--regex", default="[a-z ]{64,200}")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "grammar.md"))
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    engine = lfm.Engine.from_dir(args.model_dir, lfm.EngineOptions(intra_threads=args.threads))
+    load_s = time.perf_counter() - t0
+    task = lfm.ImageAnalysisTask()
+    prompt = task.prompt()  # the same text prompt in every mode: same context length
+    modes = {
+        "unconstrained": None,
+        "json_schema (ImageAnalysisTask)": task.grammar(),
+        f"regex `{args.regex}`": lfm.Grammar.regex(args.regex),
+    }
+    opts = lfm.RequestOptions(max_new_tokens=args.tokens, min_new_tokens=args.tokens, repetition_penalty=1.0)
+    prompt_tokens = len(engine.encode_prompt(prompt))
+    print(f"model {args.model_dir}: loaded in {load_s:.1f}s, vocab {engine.spec.get('vocab')}, "
+          f"prompt {prompt_tokens} tokens, {args.threads} threads", flush=True)
+
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for rnd in range(args.repeats + 1):  # round 0: warm-up (builds the grammar compiler's token trie)
+        for name, grammar in modes.items():
+            t0 = time.perf_counter()
+            gen = engine.generate(prompt, options=opts, grammar=grammar)
+            wall = time.perf_counter() - t0
+            t = gen.timings
+            n = gen.usage.completion_tokens
+            rec = {"per_tok_ms": 1000 * t.decode_s / n, "tokens": n, "finish": gen.finish_reason,
+                   "prefill_s": t.prefill_s,
+                   "other_s": wall - (t.preprocess_s + t.vision_s + t.prefill_s + t.decode_s)}
+            tag = "warm-up" if rnd == 0 else f"run {rnd}"
+            print(f"  {tag:7s} {name:34s} {n:3d} tok ({gen.finish_reason:7s}) decode {t.decode_s:6.3f}s "
+                  f"= {rec['per_tok_ms']:6.2f} ms/tok, prefill {t.prefill_s:.2f}s, other {rec['other_s'] * 1000:6.1f} ms"
+                  f"  {gen.text[:40]!r}", flush=True)
+            if rnd > 0:
+                runs[name].append(rec)
+
+    base = statistics.median(r["per_tok_ms"] for r in runs["unconstrained"])
+    cmd = "/work/venvs/ref/bin/python scripts/make_bench_model.py --int8 && " \
+          f"/work/venvs/dev/bin/python benches/bench_grammar.py --tokens {args.tokens} --repeats {args.repeats}"
+    lines = [
+        "# Grammar-constrained decoding: cost per token",
+        "",
+        f"- machine: {cpu_name()}, {os.cpu_count()} cores, `intra_threads={args.threads}`; "
+        f"{platform.system()} {platform.machine()}, Python {platform.python_version()}, lfm {lfm.__version__}",
+        f"- model: random-weight LFM2.5-VL-450M at the real size (fp32 ONNX, vocab {engine.spec.get('vocab')}, "
+        "synthetic 65536-token byte-level BPE tokenizer), `scripts/make_bench_model.py`",
+        f"- prompt: `ImageAnalysisTask().prompt()` as text, no image ({prompt_tokens} tokens); greedy, "
+        f"`repetition_penalty=1.0`, `min_new_tokens = max_new_tokens = {args.tokens}`",
+        f"- median of {args.repeats} interleaved runs of `timings.decode_s / completion_tokens` "
+        "(one warm-up round first); overhead = constrained - unconstrained per token, i.e. the mask cost "
+        "(compute + apply + parser advance); compile = wall time outside the timed stages (grammar compile)",
+        f"- target: constrained decoding under {TARGET_PCT:.0f}% more per token than unconstrained",
+        f"- reproduce: `{cmd}`",
+        "",
+        "| mode | tokens | ms / token | overhead µs / token | overhead % | compile ms | runs (ms / token) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for name, rs in runs.items():
+        med = statistics.median(r["per_tok_ms"] for r in rs)
+        toks = sorted({r["tokens"] for r in rs})
+        compile_ms = statistics.median(r["other_s"] for r in rs) * 1000
+        each = ", ".join(f"{r['per_tok_ms']:.2f}" for r in rs)
+        if runs[name] is runs["unconstrained"]:
+            over_us, over_pct = "—", "—"
+        else:
+            d = med - base
+            over_us, over_pct = f"{1000 * d:+.0f}", f"{100 * d / base:+.1f}%"
+            verdicts.append((name, 100 * d / base))
+        lines.append(f"| {name} | {'/'.join(map(str, toks))} | {med:.2f} | {over_us} | {over_pct} | "
+                     f"{compile_ms:.1f} | {each} |")
+    lines.append("")
+    for name, pct in verdicts:
+        ok = "meets" if pct < TARGET_PCT else "MISSES"
+        lines.append(f"- {name}: {pct:+.1f}% per token, {ok} the <{TARGET_PCT:.0f}% target")
+    text = "\n".join(lines) + "\n"
+    print()
+    print(text)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"written {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+//! The scheduler: one thread per engine that admits requests (vision and prefill, one at
+//! a time) between decoder steps of the running ones, and runs those steps batched.
+//! Sequences join and leave the batch between steps and keep their own sampler, seed and
+//! grammar state. The first batched step on a model is checked against the same rows run
+//! alone; if they differ, the engine decodes sequences one at a time from then on and
+//! says why once.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::{Receiver, Sender};
+use serde_json::Value;
+
+use crate::engine::Engine;
+use crate::error::{Error, Result, catch_panic};
+use crate::grammar::Grammar;
+use crate::options::RequestOptions;
+use crate::request::{Cancel, Generation, ImageSource};
+use crate::runtime::{BatchCache, BatchSemantics, HybridCache};
+use crate::sequence::{Sequence, Step, TextSink};
+
+/// Called once with the request's outcome.
+pub type Reply = Box<dyn FnOnce(Result<Generation>) + Send>;
+
+/// A request for the scheduler.
+pub struct Job {
+    pub messages: Value,
+    pub images: Vec<ImageSource>,
+    pub options: RequestOptions,
+    pub grammar: Option<Grammar>,
+    pub cancel: Cancel,
+    pub sink: Option<TextSink>,
+    pub reply: Reply,
+}
+
+/// Handle to an engine's scheduler thread; dropping it ends the thread once idle.
+pub struct Scheduler {
+    tx: Sender<Job>,
+    /// Set when batching was found to change results on this model.
+    pub fallback_reason: Arc<Mutex<Option<String>>>,
+}
+
+impl Scheduler {
+    pub fn start(engine: Arc<Engine>) -> Scheduler {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let fallback_reason = Arc::new(Mutex::new(None));
+        let reason = fallback_reason.clone();
+        std::thread::Builder::new()
+            .name("lfm-scheduler".into())
+            .spawn(move || Worker::new(engine, reason).run(rx))
+            .ok();
+        Scheduler { tx, fallback_reason }
+    }
+
+    pub fn submit(&self, job: Job) {
+        if let Err(e) = self.tx.send(job) {
+            (e.0.reply)(Err(Error::Internal("the scheduler thread has stopped".into())));
+        }
+    }
+}
+
+/// Decoder state of the running sequences.
+enum Caches {
+    /// One batched cache, rows in the order of `Worker::active`.
+    Batched(BatchCache),
+    /// One cache per sequence, stepped one at a time.
+    Single(Vec<HybridCache>),
+}
+
+struct Running {
+    seq: Sequence,
+    logits: Vec<f32>,
+    reply: Reply,
+}
+
+struct Worker {
+    engine: Arc<Engine>,
+    active: Vec<Running>,
+    caches: Caches,
+    verified: bool,
+    fallback_reason: Arc<Mutex<Option<String>>>,
+}
+
+impl Worker {
+    fn new(engine: Arc<Engine>, fallback_reason: Arc<Mutex<Option<String>>>) -> Worker {
+        let caches = match engine.spec().batching {
+            BatchSemantics::MaskLengths => Caches::Batched(engine.model().batch_new()),
+            BatchSemantics::CacheWidth => Caches::Single(Vec::new()),
+        };
+        Worker { engine, active: Vec::new(), caches, verified: false, fallback_reason }
+    }
+
+    fn run(mut self, rx: Receiver<Job>) {
+        let mut waiting: VecDeque<Job> = VecDeque::new();
+        let max = self.engine.options().max_batch_size.max(1);
+        loop {
+            if self.active.is_empty() && waiting.is_empty() {
+                match rx.recv() {
+                    Ok(job) => waiting.push_back(job),
+                    Err(_) => return,
+                }
+            }
+            waiting.extend(rx.try_iter());
+            // Admit one request per step, so running sequences keep flowing while new ones
+            // are encoded and prefilled.
+            if self.active.len() < max {
+                if let Some(job) = waiting.pop_front() {
+                    self.admit(job);
+                }
+            }
+            if !self.active.is_empty() {
+                if let Err(e) = catch_panic("decode step", || self.step()) {
+                    self.fail_all(e);
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self, job: Job) {
+        let Job { messages, images, options, grammar, cancel, sink, reply } = job;
+        let started = catch_panic("prefill", || {
+            self.engine.start(&messages, images, &options, grammar.as_ref(), cancel, sink)
+        });
+        let (seq, cache, logits) = match started {
+            Ok(x) => x,
+            Err(e) => return reply(Err(e)),
+        };
+        let joined = match &mut self.caches {
+            Caches::Batched(b) => self.engine.model().batch_join(b, cache),
+            Caches::Single(v) => {
+                v.push(cache);
+                Ok(())
+            }
+        };
+        match joined {
+            Ok(()) => self.active.push(Running { seq, logits, reply }),
+            Err(e) => reply(Err(e)),
+        }
+    }
+
+    fn fail_all(&mut self, e: Error) {
+        let msg = e.to_string();
+        for r in self.active.drain(..) {
+            (r.reply)(Err(Error::inference("decoder", format!("batched step failed: {msg}"))));
+        }
+        self.caches = match self.caches {
+            Caches::Batched(_) => Caches::Batched(self.engine.model().batch_new()),
+            Caches::Single(_) => Caches::Single(Vec::new()),
+        };
+    }
+
+    /// One decoder step for every running sequence: each picks its next token (or
+    /// finishes and leaves), then the decoder runs once for those still going.
+    fn step(&mut self) -> Result<()> {
+        let engine = self.engine.clone();
+        let (tok, model) = (engine.tokenizer(), engine.model());
+        let mut outcomes: Vec<Result<Step>> =
+            self.active.iter_mut().map(|r| r.seq.advance(&mut r.logits, tok)).collect();
+        let leaving: Vec<usize> =
+            (0..outcomes.len()).rev().filter(|&i| !matches!(outcomes[i], Ok(Step::Continue(_)))).collect();
+        match &mut self.caches {
+            Caches::Batched(b) => model.batch_remove(b, &leaving)?,
+            Caches::Single(v) => {
+                for &i in &leaving {
+                    v.remove(i);
+                }
+            }
+        }
+        for &i in &leaving {
+            let r = self.active.remove(i);
+            let result = match outcomes.remove(i) {
+                Ok(Step::Finished(reason)) => r.seq.finish(reason, tok),
+                Ok(Step::Continue(_)) => Err(Error::Internal("a continuing sequence was retired".into())),
+                Err(e) => Err(e),
+            };
+            (r.reply)(result);
+        }
+        if self.active.is_empty() {
+            return Ok(());
+        }
+        let next: Vec<u32> = outcomes.into_iter().map(|o| if let Ok(Step::Continue(id)) = o { id } else { 0 }).collect();
+        let hidden = engine.spec().hidden;
+        match &mut self.caches {
+            Caches::Single(caches) => {
+                for ((r, cache), &id) in self.active.iter_mut().zip(caches.iter_mut()).zip(&next) {
+                    let emb = model.embed(&[id])?;
+                    r.logits = model.decode(emb, 1, cache)?;
+                }
+            }
+            Caches::Batched(batch) => {
+                let emb = model.embed(&next)?;
+                if self.verified || batch.len() < 2 {
+                    let rows = model.decode_batch(emb, batch)?;
+                    for (r, l) in self.active.iter_mut().zip(rows) {
+                        r.logits = l;
+                    }
+                    return Ok(());
+                }
+                // First batched step on this model: run the rows alone too and compare.
+                self.verified = true;
+                let alone: Vec<(HybridCache, Vec<f32>)> = (0..batch.len())
+                    .map(|i| {
+                        let mut c = model.batch_row(batch, i)?;
+                        let l = model.decode(emb[i * hidden..(i + 1) * hidden].to_vec(), 1, &mut c)?;
+                        Ok((c, l))
+                    })
+                    .collect::<Result<_>>()?;
+                let batched = model.decode_batch(emb, batch)?;
+                let worst = alone
+                    .iter()
+                    .zip(&batched)
+                    .map(|((_, a), b)| {
+                        let scale = a.iter().fold(1f32, |m, v| m.max(v.abs()));
+                        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
+                    })
+                    .fold(0f32, f32::max);
+                if worst <= 1e-4 {
+                    for (r, l) in self.active.iter_mut().zip(batched) {
+                        r.logits = l;
+                    }
+                    return Ok(());
+                }
+                if let Ok(mut slot) = self.fallback_reason.lock() {
+                    *slot = Some(format!(
+                        "batched decoder steps differ from single-sequence steps on this model (relative logits \
+                         difference {worst:.2e}); decoding one sequence at a time"
+                    ));
+                }
+                let (caches, logits): (Vec<_>, Vec<_>) = alone.into_iter().unzip();
+                for (r, l) in self.active.iter_mut().zip(logits) {
+                    r.logits = l;
+                }
+                self.caches = Caches::Single(caches);
+            }
+        }
+        Ok(())
+    }
+}
