@@ -71,6 +71,10 @@ def main() -> None:
     print(f"model {args.model_dir}: loaded in {load_s:.1f}s, vocab {engine.spec.get('vocab')}, "
           f"prompt {prompt_tokens} tokens, {args.threads} threads", flush=True)
 
+    load0 = os.getloadavg()[0]
+    if load0 > 0.5:
+        print(f"warning: 1-minute load average is {load0:.2f} before the runs; other processes skew timings",
+              file=sys.stderr)
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for rnd in range(args.repeats + 1):  # round 0: warm-up (builds the grammar compiler's token trie)
         for name, grammar in modes.items():
@@ -89,6 +93,7 @@ def main() -> None:
             if rnd > 0:
                 runs[name].append(rec)
 
+    load1 = os.getloadavg()[0]
     base = statistics.median(r["per_tok_ms"] for r in runs["unconstrained"])
     cmd = "/work/venvs/ref/bin/python scripts/make_bench_model.py --int8 && " \
           f"/work/venvs/dev/bin/python benches/bench_grammar.py --tokens {args.tokens} --repeats {args.repeats}"
@@ -96,7 +101,8 @@ def main() -> None:
         "# Grammar-constrained decoding: cost per token",
         "",
         f"- machine: {cpu_name()}, {os.cpu_count()} cores, `intra_threads={args.threads}`; "
-        f"{platform.system()} {platform.machine()}, Python {platform.python_version()}, lfm {lfm.__version__}",
+        f"{platform.system()} {platform.machine()}, Python {platform.python_version()}, lfm {lfm.__version__}; "
+        f"1-minute load average {load0:.2f} before / {load1:.2f} after the runs (this process included)",
         f"- model: random-weight LFM2.5-VL-450M at the real size (fp32 ONNX, vocab {engine.spec.get('vocab')}, "
         "synthetic 65536-token byte-level BPE tokenizer), `scripts/make_bench_model.py`",
         f"- prompt: `ImageAnalysisTask().prompt()` as text, no image ({prompt_tokens} tokens); greedy, "

@@ -484,6 +484,177 @@ def export_onnx(model, outdir: str, opset: int = 18):
     _finalize_onnx(p)
 
 
+# --------------------------------------------------------------------------------------
+# variant: decoder attention through com.microsoft.GroupQueryAttention (as the official export)
+# --------------------------------------------------------------------------------------
+
+# Variants reuse a base model's spec and seed (so the same weights and the same goldens) and
+# replace only the decoder graph. The base's other files are copied unchanged.
+VARIANT_SPECS = {
+    "tiny16-gqa": dict(MODEL_SPECS["tiny16"], base="tiny16", attention="gqa"),
+}
+
+# Rows of the GQA cos/sin caches: the largest total sequence length (past + new) the graph
+# accepts. The longest golden prompt is 1801 tokens (+ 24 new).
+GQA_ROPE_POSITIONS = 2048
+
+
+def _gqa_function():
+    import torch
+
+    class GroupQueryAttention(torch.autograd.Function):
+        """Exports as one ``com.microsoft::GroupQueryAttention`` node (opset 1). The eager
+        forward is the op's semantics for an all-ones mask on a batch of one length (past =
+        total - S, positions past..total-1), so the traced shapes are right; the values of
+        the trace are not used."""
+
+        @staticmethod
+        def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache,
+                    num_heads, kv_num_heads, scale):
+            from transformers.models.lfm2.modeling_lfm2 import repeat_kv, rotate_half
+
+            B, S, _ = q.shape
+            D = past_k.shape[-1]
+            P = past_k.shape[2]
+            pos = torch.arange(P, P + S)
+            cos = torch.cat([cos_cache[pos], cos_cache[pos]], -1)[None, None]
+            sin = torch.cat([sin_cache[pos], sin_cache[pos]], -1)[None, None]
+            qh = q.view(B, S, num_heads, D).transpose(1, 2)
+            kh = k.view(B, S, kv_num_heads, D).transpose(1, 2)
+            vh = v.view(B, S, kv_num_heads, D).transpose(1, 2)
+            qh = qh * cos + rotate_half(qh) * sin
+            kh = kh * cos + rotate_half(kh) * sin
+            kk = torch.cat([past_k, kh], 2)
+            vv = torch.cat([past_v, vh], 2)
+            T = P + S
+            causal = torch.arange(T)[None, :] <= pos[:, None]
+            w = torch.matmul(qh, repeat_kv(kk, num_heads // kv_num_heads).transpose(2, 3)) * scale
+            w = torch.softmax(w.masked_fill(~causal, float("-inf")), -1)
+            o = torch.matmul(w, repeat_kv(vv, num_heads // kv_num_heads))
+            return o.transpose(1, 2).reshape(B, S, num_heads * D), kk, vv
+
+        @staticmethod
+        def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache,
+                     num_heads, kv_num_heads, scale):
+            out, pk, pv = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v,
+                               seqlens_k, total_len, cos_cache, sin_cache,
+                               num_heads_i=num_heads, kv_num_heads_i=kv_num_heads, scale_f=scale,
+                               do_rotary_i=1, rotary_interleaved_i=0, local_window_size_i=-1,
+                               softcap_f=0.0, outputs=3)
+            out.setType(q.type())
+            pk.setType(past_k.type())
+            pv.setType(past_v.type())
+            return out, pk, pv
+
+    return GroupQueryAttention
+
+
+def _gqa_decoder_wrapper():
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    GroupQueryAttention = _gqa_function()
+
+    class DecoderMergedGQA(nn.Module):
+        """The official export's decoder computation: no position_ids; per attention layer
+        q/k/v projections, per-head q/k RMSNorm, then GroupQueryAttention (RoPE inside, from
+        cos/sin cache initializers) fed ``seqlens_k = int32(ReduceSum(mask, 1) - 1)`` and
+        ``total_sequence_length = int32(Shape(mask)[1])``; conv layers unmasked, their cache
+        the last conv_L_cache columns of concat(past_conv, B*x)."""
+
+        def __init__(self, model, max_positions):
+            super().__init__()
+            self.lm = model.model.language_model
+            self.lm_head = model.lm_head
+            self.types = list(self.lm.config.layer_types)
+            self.L = self.lm.config.conv_L_cache
+            tc = self.lm.config
+            hd = tc.hidden_size // tc.num_attention_heads
+            theta = tc.rope_parameters["rope_theta"]
+            inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+            freqs = torch.outer(torch.arange(max_positions, dtype=torch.int64).float(), inv_freq)
+            self.register_buffer("cos_cache", freqs.cos().contiguous())
+            self.register_buffer("sin_cache", freqs.sin().contiguous())
+
+        def forward(self, inputs_embeds, attention_mask, *past):
+            B, S, _ = inputs_embeds.shape
+            seqlens_k = (attention_mask.sum(1) - 1).to(torch.int32)
+            total_len = torch._shape_as_tensor(attention_mask)[1].to(torch.int32)
+            h = inputs_embeds
+            presents, j = [], 0
+            for i, layer in enumerate(self.lm.layers):
+                x = layer.operator_norm(h)
+                if self.types[i] == "conv":
+                    conv = layer.conv
+                    bcx = conv.in_proj(x).transpose(-1, -2)
+                    b, cgate, xx = bcx.chunk(3, dim=-2)
+                    full = torch.cat([past[j], b * xx], dim=-1)
+                    j += 1
+                    presents.append(full[:, :, -self.L:])
+                    y = F.conv1d(full, conv.conv.weight, conv.conv.bias,
+                                 groups=full.shape[1])[:, :, -S:]
+                    x = conv.out_proj((cgate * y).transpose(-1, -2).contiguous())
+                else:
+                    att = layer.self_attn
+                    hd = att.head_dim
+                    nh = att.q_proj.out_features // hd
+                    nkv = att.k_proj.out_features // hd
+                    q = att.q_layernorm(att.q_proj(x).view(B, S, nh, hd)).reshape(B, S, nh * hd)
+                    k = att.k_layernorm(att.k_proj(x).view(B, S, nkv, hd)).reshape(B, S, nkv * hd)
+                    v = att.v_proj(x)
+                    o, kk, vv = GroupQueryAttention.apply(
+                        q, k, v, past[j], past[j + 1], seqlens_k, total_len, self.cos_cache,
+                        self.sin_cache, nh, nkv, float(att.scaling))
+                    j += 2
+                    presents += [kk, vv]
+                    x = att.out_proj(o)
+                h = h + x
+                h = h + layer.feed_forward(layer.ffn_norm(h))
+            return (self.lm_head(self.lm.embedding_norm(h)), *presents)
+
+    return DecoderMergedGQA
+
+
+def export_gqa_decoder(model, outdir: str, opset: int = 18, max_positions: int = GQA_ROPE_POSITIONS):
+    """Export only ``decoder_model_merged.onnx`` of the GQA variant (legacy exporter, same
+    inputs, outputs, dims and example inputs as ``export_onnx``'s decoder)."""
+    import warnings
+
+    import torch
+
+    DecoderMergedGQA = _gqa_decoder_wrapper()
+    tc = model.config.text_config
+    os.makedirs(outdir, exist_ok=True)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    g = torch.Generator().manual_seed(0)
+    ins, outs = decoder_io_names(tc.layer_types)
+    hd = tc.hidden_size // tc.num_attention_heads
+    past = []
+    for t in tc.layer_types:
+        if t == "conv":
+            past.append(torch.randn(1, tc.hidden_size, tc.conv_L_cache, generator=g))
+        else:
+            past += [torch.randn(1, tc.num_key_value_heads, 3, hd, generator=g) for _ in range(2)]
+    dyn = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
+           "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+           "logits": {0: "batch_size", 1: "sequence_length"}}
+    for n in ins[2:]:
+        dyn[n] = {0: "batch_size"} if n.startswith("past_conv") else \
+            {0: "batch_size", 2: "past_sequence_length"}
+    for n in outs[1:]:
+        dyn[n] = {0: "batch_size"} if n.startswith("present_conv") else \
+            {0: "batch_size", 2: "total_sequence_length"}
+    p = os.path.join(outdir, "decoder_model_merged.onnx")
+    torch.onnx.export(
+        DecoderMergedGQA(model, max_positions).eval(),
+        (torch.randn(1, 2, tc.hidden_size, generator=g), torch.ones(1, 5, dtype=torch.long), *past),
+        p, input_names=ins, output_names=outs, dynamic_axes=dyn, opset_version=opset, dynamo=False,
+        do_constant_folding=True, custom_opsets={"com.microsoft": 1})
+    _finalize_onnx(p)
+
+
 def describe_onnx(path):
     import onnx
 

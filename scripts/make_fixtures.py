@@ -1,9 +1,12 @@
 """Generate the committed test fixtures and golden outputs under tests/fixtures/.
 
     /work/venvs/ref/bin/python scripts/make_fixtures.py [--reference-data DIR] [--skip-ort-check]
+                                                        [--out DIR] [--only-variants]
 
 Writes
   tests/fixtures/models/{tiny16,tiny6}/   tiny random-weight LFM2-VL models in the HF layout
+  tests/fixtures/models/tiny16-gqa/       tiny16 with a GroupQueryAttention decoder (a variant:
+                                          same weights and goldens, only the decoder differs)
   tests/fixtures/images/                  small image files (PNG variants, JPEG + EXIF, WebP)
   tests/fixtures/golden/*.json            reference outputs from transformers / PIL / tokenizers
 
@@ -127,7 +130,7 @@ def make_model_dir(name, spec, merges, ref):
     return d, model, proc
 
 
-def write_provenance(name, spec, d, model, merges):
+def write_provenance(name, spec, d, model, merges, extra=None):
     files = {}
     for root, _, names in os.walk(d):
         for n in sorted(names):
@@ -149,7 +152,90 @@ def write_provenance(name, spec, d, model, merges):
         "config": model.config.to_dict(),
         "versions": versions(), "files": dict(sorted(files.items())),
     }
+    if extra:
+        prov.update(extra)
     L.write_json(os.path.join(d, "PROVENANCE.json"), prov, indent=1)
+
+
+def make_variant_dir(name, spec):
+    """A variant of an already written base model directory: every file of the base except
+    PROVENANCE.json and the decoder is copied unchanged, then the variant's decoder is
+    exported from the same spec and seed (so the same weights)."""
+    base = os.path.join(FIX, "models", spec["base"])
+    d = os.path.join(FIX, "models", name)
+    if os.path.isdir(d):
+        shutil.rmtree(d)
+    os.makedirs(os.path.join(d, "onnx"))
+    for root, _, names in os.walk(base):
+        for n in sorted(names):
+            rel = os.path.relpath(os.path.join(root, n), base)
+            if rel not in ("PROVENANCE.json", os.path.join("onnx", "decoder_model_merged.onnx")):
+                os.makedirs(os.path.dirname(os.path.join(d, rel)), exist_ok=True)
+                shutil.copyfile(os.path.join(base, rel), os.path.join(d, rel))
+    t0 = time.time()
+    model = L.build_model(spec)
+    assert spec["attention"] == "gqa", spec
+    L.export_gqa_decoder(model, os.path.join(d, "onnx"))
+    log(f"[{name}] built + GQA decoder exported in {time.time() - t0:.1f}s")
+    return d, model
+
+
+def check_variant(name, d, golden):
+    """The variant's ONNX greedy loop against the base model's transformers goldens."""
+    from transformers import Lfm2VlProcessor
+
+    proc = Lfm2VlProcessor.from_pretrained(d)
+    runner = L.OrtRunner(os.path.join(d, "onnx"))
+    report = []
+    for c in golden["cases"]:
+        kw = BUDGETS[c["budget"]]
+        imgs = [L.grad_image(im["width"], im["height"]) for im in c["images"]]
+        text = proc(images=[imgs] if imgs else None, text=[c["prompt_text"]], return_tensors="np",
+                    input_data_format="channels_last", **kw)
+        assert np.asarray(text["input_ids"])[0].tolist() == c["prompt_ids"], (name, c["name"])
+        per_image = []
+        for im in imgs:
+            r = proc.image_processor([im], return_tensors="np", input_data_format="channels_last", **kw)
+            per_image.append((r["pixel_values"], r["pixel_attention_mask"], r["spatial_shapes"]))
+        o_new, o_first = runner.greedy(c["prompt_ids"], per_image, golden["max_new_tokens"], EOS_ID)
+        first = np.asarray(c["first_logits"], np.float64)
+        diff = float(np.abs(o_first - first).max())
+        tol = 1e-4 * max(1.0, float(np.abs(first).max()))
+        ok = o_new == c["new_ids"] and diff <= tol
+        report.append({"model": name, "case": c["name"], "prompt_tokens": len(c["prompt_ids"]),
+                       "ids_equal": o_new == c["new_ids"], "first_logits_max_abs_diff": diff,
+                       "tol": tol, "ok": ok})
+        log(f"  ORT check {name}/{c['name']} (goldens of {golden['model']}): prompt "
+            f"{len(c['prompt_ids'])} tok, ids_equal={o_new == c['new_ids']}, max|dlogit|={diff:.2e} "
+            f"(tol {tol:.2e}) {'OK' if ok else 'MISMATCH'}")
+    return report
+
+
+def build_variants(merges, check_ort):
+    report = []
+    for name, spec in L.VARIANT_SPECS.items():
+        d, model = make_variant_dir(name, spec)
+        golden_rel = f"golden/generate_{spec['base']}.json"
+        if check_ort:
+            report += check_variant(name, d, json.load(open(os.path.join(FIX, golden_rel))))
+        write_provenance(name, spec, d, model, merges, extra={
+            "variant_of": f"models/{spec['base']}",
+            "variant": {
+                "goldens": golden_rel + " (same spec, seed and weights as the base)",
+                "copied_from_base": "every file except PROVENANCE.json and "
+                                    "onnx/decoder_model_merged.onnx",
+                "decoder": "fixture_lib.export_gqa_decoder: per attention layer q/k/v proj -> per-head "
+                           "q/k RMSNorm -> com.microsoft.GroupQueryAttention (opset 1; num_heads, "
+                           "kv_num_heads, scale=1/sqrt(head_dim), do_rotary=1, rotary_interleaved=0, "
+                           "local_window_size=-1, softcap=0; cos_cache/sin_cache initializers) -> "
+                           "o_proj; seqlens_k = Cast<int32>(ReduceSum(attention_mask, axes=[1], "
+                           "keepdims=0) - 1), total_sequence_length = Cast<int32>(Gather(Shape("
+                           "attention_mask), 1)); conv layers unmasked, present_conv = last "
+                           "conv_L_cache columns of concat(past_conv, B*x); no position_ids",
+                "rope_cache_positions": L.GQA_ROPE_POSITIONS,
+                "opsets": {"ai.onnx": 18, "com.microsoft": 1},
+            }})
+    return report
 
 
 # --------------------------------------------------------------------------------------
@@ -519,18 +605,34 @@ def golden_generate(name, model, proc, onnx_dir, check_ort):
 
 
 def main():
+    global FIX
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference-data", default=os.environ.get("LFM_REFERENCE_DATA",
                                                                "/work/shared/reference/data"),
                     help="folder with the real model's tokenizer_config.json, chat_template.jinja, "
                          "preprocessor_config.json, processor_config.json")
     ap.add_argument("--skip-ort-check", action="store_true")
+    ap.add_argument("--out", default=FIX, help="fixtures folder to write (default tests/fixtures)")
+    ap.add_argument("--only-variants", action="store_true",
+                    help="rebuild only the variant model folders (models/tiny16-gqa) from the base "
+                         "model folders and goldens already under --out")
     args = ap.parse_args()
+    FIX = os.path.abspath(args.out)
     torch.set_num_threads(2)
     ref = args.reference_data
     t_start = time.time()
 
     merges = L.learn_bpe_merges(L.training_corpus(CORPUS_SEED), NUM_MERGES)
+    if args.only_variants:
+        report = build_variants(merges, not args.skip_ort_check)
+        bad = [r for r in report if not r["ok"]]
+        if report:
+            log(f"ORT variant check: {len(report) - len(bad)}/{len(report)} cases OK")
+        if bad:
+            log("MISMATCH:", bad)
+            sys.exit(1)
+        log(f"done in {time.time() - t_start:.1f}s")
+        return
     gold = os.path.join(FIX, "golden")
     os.makedirs(gold, exist_ok=True)
     models = {}
@@ -557,6 +659,7 @@ def main():
         all_report += rep
         L.write_json(os.path.join(gold, f"generate_{name}.json"), g)
         write_provenance(name, L.MODEL_SPECS[name], d, model, merges)
+    all_report += build_variants(merges, not args.skip_ort_check)
     if all_report:
         bad = [r for r in all_report if not r["ok"]]
         log(f"ORT export check: {len(all_report) - len(bad)}/{len(all_report)} cases OK; "

@@ -12,6 +12,7 @@ from .grammar import Grammar
 from .image_analysis import ImageAnalysis, ImageAnalysisTask
 from .tasks import FieldEnd, JsonTask, Task
 from .errors import (
+    LfmWarning,
     GrammarError,
     ImageError,
     InferenceError,
@@ -44,6 +45,7 @@ __all__ = [
     "InternalError",
     "InvalidOptionsError",
     "LfmError",
+    "LfmWarning",
     "Limits",
     "ModelLoadError",
     "ParseError",

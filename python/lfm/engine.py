@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from . import _lfm, _ort
+from ._batch import Progress, collect
 from ._images import ImageLike
 from ._messages import Messages, prepare, template_json
-from .errors import LfmError, ParseError
+from .errors import LfmError, LfmWarning, ParseError
 from .grammar import Grammar
 from .options import EngineOptions, RequestOptions, coerce
 from .results import Generation
@@ -34,6 +37,8 @@ class Engine:
         opts = coerce(EngineOptions, options)
         _ort.ensure_loaded()
         core = _lfm.Engine.from_dir(os.fspath(path), json.dumps(opts.to_dict()))
+        for message in core.load_warnings():
+            warnings.warn(message, LfmWarning, stacklevel=2)
         return cls(core, opts)
 
     @property
@@ -70,6 +75,83 @@ class Engine:
         d = self._check_process().generate(text, imgs, json.dumps(opts.to_dict()), _grammar_spec(grammar))
         return Generation._from_core(d)
 
+    def _submit(
+        self, messages: Messages, images: Iterable[ImageLike], options: Any, grammar: Grammar | None, text: bool
+    ) -> Any:
+        opts = coerce(RequestOptions, options)
+        msg, imgs = prepare(messages, images)
+        return self._check_process().stream(msg, imgs, json.dumps(opts.to_dict()), _grammar_spec(grammar), text)
+
+    def generate_batch(
+        self,
+        messages: Sequence[Messages],
+        images: Sequence[Iterable[ImageLike]] | None = None,
+        options: RequestOptions | Mapping[str, Any] | None = None,
+        grammar: Grammar | None = None,
+        progress: Progress = False,
+    ) -> list[Generation | Exception]:
+        """Generates for many conversations at once (their decoder steps run batched).
+        ``images[i]`` goes with ``messages[i]``. Results are in input order; a failing item
+        holds its exception and the rest complete. ``progress=True`` shows a progress bar
+        (or pass a callable(done, total)). Ctrl-C cancels the whole batch."""
+        if images is not None and len(images) != len(messages):
+            raise ValueError(f"images has {len(images)} entries for {len(messages)} conversations")
+        handles: list[Any] = []
+        for i, m in enumerate(messages):
+            try:
+                handles.append(self._submit(m, images[i] if images is not None else (), options, grammar, False))
+            except Exception as e:  # noqa: BLE001 - a bad item fails alone
+                handles.append(e)
+        return collect(handles, lambda i, g: g, progress, self._core)
+
+    def run_batch(
+        self,
+        task: Task[Out],
+        items: Sequence[ImageLike | Sequence[ImageLike]],
+        options: RequestOptions | Mapping[str, Any] | None = None,
+        progress: Progress = False,
+    ) -> list[Out | Exception]:
+        """Runs ``task`` on many items (each an image, or a sequence of images for a
+        multi-image item). Results are in input order; a failing item holds its exception
+        (``ParseError`` for cut output) and the rest complete."""
+        prompt, grammar = task.prompt(), task.grammar()
+        handles: list[Any] = []
+        for item in items:
+            imgs = list(item) if isinstance(item, (list, tuple)) else [item]
+            try:
+                handles.append(self._submit(prompt, imgs, options, grammar, False))
+            except Exception as e:  # noqa: BLE001 - a bad item fails alone
+                handles.append(e)
+        return collect(handles, lambda i, g: _parse(task, g), progress, self._core)
+
+    async def agenerate(
+        self,
+        messages: Messages,
+        images: Iterable[ImageLike] = (),
+        options: RequestOptions | Mapping[str, Any] | None = None,
+        grammar: Grammar | None = None,
+    ) -> Generation:
+        """``generate`` for asyncio: awaits without blocking the event loop; cancelling the
+        task cancels the request."""
+        handle = self._submit(messages, images, options, grammar, False)
+        loop = asyncio.get_running_loop()
+        try:
+            d = await loop.run_in_executor(None, handle.wait)
+        except BaseException:
+            handle.cancel()
+            raise
+        return Generation._from_core(d)
+
+    async def arun(
+        self,
+        task: Task[Out],
+        images: Iterable[ImageLike] = (),
+        options: RequestOptions | Mapping[str, Any] | None = None,
+    ) -> Out:
+        """``run`` for asyncio."""
+        gen = await self.agenerate(task.prompt(), images, options, grammar=task.grammar())
+        return _parse(task, gen)
+
     def stream(
         self,
         messages: Messages,
@@ -82,7 +164,7 @@ class Engine:
         ``generation`` holds the whole ``Generation``."""
         opts = coerce(RequestOptions, options)
         text, imgs = prepare(messages, images)
-        core = self._check_process().stream(text, imgs, json.dumps(opts.to_dict()), _grammar_spec(grammar))
+        core = self._check_process().stream(text, imgs, json.dumps(opts.to_dict()), _grammar_spec(grammar), True)
         return TextStream(core)
 
     def run(
@@ -95,18 +177,7 @@ class Engine:
         ``task.grammar()``, parsed by the task. Output cut by ``max_new_tokens`` (or a
         timeout) raises ``ParseError`` with the partial ``Generation`` as ``.generation``."""
         gen = self.generate(task.prompt(), images, options, grammar=task.grammar())
-        if gen.finish_reason in ("length", "cancelled"):
-            err = ParseError(
-                f"the output was cut ({gen.finish_reason}) after {gen.usage.completion_tokens} tokens "
-                "before the grammar completed; raise max_new_tokens"
-            )
-            err.kind, err.generation = "incomplete", gen
-            raise err
-        try:
-            return task.parse_ended(gen.text, gen.field_ends)
-        except ParseError as e:
-            e.generation = gen
-            raise
+        return _parse(task, gen)
 
     def encode_prompt(self, messages: Messages, images: Iterable[ImageLike] = ()) -> list[int]:
         """The full prompt ids after image expansion."""
@@ -128,6 +199,22 @@ class Engine:
             template_json(messages), None if tools is None else json.dumps(tools, ensure_ascii=False), add_generation_prompt
         )
         return rendered
+
+
+def _parse(task: Task[Out], gen: Generation) -> Out:
+    """The task's output for a finished generation; cut output raises ParseError."""
+    if gen.finish_reason in ("length", "cancelled"):
+        err = ParseError(
+            f"the output was cut ({gen.finish_reason}) after {gen.usage.completion_tokens} tokens "
+            "before the grammar completed; raise max_new_tokens"
+        )
+        err.kind, err.generation = "incomplete", gen
+        raise err
+    try:
+        return task.parse_ended(gen.text, gen.field_ends)
+    except ParseError as e:
+        e.generation = gen
+        raise
 
 
 def _grammar_spec(grammar: Grammar | None) -> tuple[str, str] | None:

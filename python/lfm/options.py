@@ -159,6 +159,9 @@ class EngineOptions(_Options):
     image_budget: ImageBudget = dataclasses.field(default_factory=ImageBudget)
     limits: Limits = dataclasses.field(default_factory=Limits)
     max_batch_size: int = 8
+    #: "auto": batch decoder steps when the model's attention takes row lengths from the
+    #: mask (checked on first use); "on": always try (still checked); "off": never.
+    batching: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.image_budget, Mapping):

@@ -13,7 +13,7 @@ use crate::files::{ModelFiles, bundled};
 use crate::grammar::{Constraint, Grammar, GrammarCompiler};
 use crate::options::{EngineOptions, RequestOptions};
 use crate::preproc::decode::{DecodeLimits, decode, probe};
-use crate::preproc::pixels::preprocess_with_grid;
+use crate::preproc::pixels::{Padding, preprocess_padded};
 use crate::preproc::{Preprocessor, RgbImage, TileGrid, expand_placeholders};
 use crate::request::{Cancel, Generation, ImageSource, Timings};
 use crate::runtime::{HybridCache, Model, ModelSpec, SessionConfig};
@@ -79,6 +79,7 @@ impl Engine {
         let config = SessionConfig {
             intra_threads: options.intra_threads.map(usize::from),
             inter_threads: options.inter_threads.map(usize::from),
+            providers: options.providers.clone(),
         };
         let model = Model::load(&files.graphs, &config)?;
         if tokenizer.vocab_size > model.spec.vocab {
@@ -202,7 +203,7 @@ impl Engine {
                     ),
                 });
             }
-            let pre = preprocess_with_grid(pixels, &img.grid)?;
+            let pre = preprocess_padded(pixels, &img.grid, Padding::Tight)?;
             timings.preprocess_s += t.elapsed().as_secs_f64();
             let t = Instant::now();
             features.extend(self.model.encode_image(&pre)?);

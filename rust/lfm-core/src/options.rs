@@ -373,6 +373,20 @@ impl Variant {
     }
 }
 
+/// Whether decoder steps of concurrent requests run batched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Batching {
+    /// Batch when the decoder's attention takes row lengths from the mask (checked on
+    /// first use); otherwise one sequence at a time.
+    #[default]
+    Auto,
+    /// Always try batching (still checked on first use, with a fallback).
+    On,
+    /// One sequence at a time.
+    Off,
+}
+
 /// Execution providers the engine may register, in the user's order.
 pub const KNOWN_PROVIDERS: [&str; 6] = ["cpu", "cuda", "tensorrt", "rocm", "directml", "coreml"];
 
@@ -387,6 +401,7 @@ pub struct EngineOptions {
     pub image_budget: ImageBudget,
     pub limits: Limits,
     pub max_batch_size: usize,
+    pub batching: Batching,
 }
 
 impl Default for EngineOptions {
@@ -399,6 +414,7 @@ impl Default for EngineOptions {
             image_budget: ImageBudget::default(),
             limits: Limits::default(),
             max_batch_size: 8,
+            batching: Batching::Auto,
         }
     }
 }

@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::engine::Engine;
 use crate::error::{Error, Result, catch_panic};
 use crate::grammar::Grammar;
-use crate::options::RequestOptions;
+use crate::options::{Batching, RequestOptions};
 use crate::request::{Cancel, Generation, ImageSource};
 use crate::runtime::{BatchCache, BatchSemantics, HybridCache};
 use crate::sequence::{Sequence, Step, TextSink};
@@ -83,10 +83,12 @@ struct Worker {
 
 impl Worker {
     fn new(engine: Arc<Engine>, fallback_reason: Arc<Mutex<Option<String>>>) -> Worker {
-        let caches = match engine.spec().batching {
-            BatchSemantics::MaskLengths => Caches::Batched(engine.model().batch_new()),
-            BatchSemantics::CacheWidth => Caches::Single(Vec::new()),
+        let batched = match engine.options().batching {
+            Batching::On => true,
+            Batching::Off => false,
+            Batching::Auto => engine.spec().batching == BatchSemantics::MaskLengths,
         };
+        let caches = if batched { Caches::Batched(engine.model().batch_new()) } else { Caches::Single(Vec::new()) };
         Worker { engine, active: Vec::new(), caches, verified: false, fallback_reason }
     }
 

@@ -176,6 +176,23 @@ impl Stream {
         }
     }
 
+    /// Waits (GIL released, Ctrl-C cancels) until the generation ends; returns its dict.
+    /// Text pieces not yet taken are dropped.
+    fn wait<'py>(&self, py: Python<'py>) -> PyResult<Py<PyDict>> {
+        loop {
+            if let Some(d) = self.result(py) {
+                return Ok(d);
+            }
+            match self.__next__(py) {
+                Ok(_) => continue,
+                Err(e) if e.is_instance_of::<PyStopIteration>(py) => {
+                    return self.result(py).ok_or_else(|| PyValueError::new_err("the stream ended without a result"));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// The finished generation (a dict), or None before the stream is exhausted.
     fn result(&self, py: Python<'_>) -> Option<Py<PyDict>> {
         self.result.lock().ok().and_then(|r| r.as_ref().map(|d| d.clone_ref(py)))
@@ -239,6 +256,11 @@ impl PyEngine {
         })?;
         let inner = Arc::new(engine);
         Ok(PyEngine { scheduler: Scheduler::start(inner.clone()), inner, warned: AtomicBool::new(false) })
+    }
+
+    /// What loading could not honour (shown as `lfm.LfmWarning` by the Python layer).
+    fn load_warnings(&self) -> Vec<String> {
+        self.inner.model().warnings.clone()
     }
 
     /// Widths read from the graphs.
@@ -311,17 +333,24 @@ impl PyEngine {
         }
     }
 
-    /// Starts a generation whose text arrives through the returned `Stream`.
-    #[pyo3(signature = (messages_json, images, options_json, grammar=None))]
+    /// Starts a generation and returns its handle; with `text=True` its text arrives
+    /// piece by piece through the handle's iterator.
+    #[pyo3(signature = (messages_json, images, options_json, grammar=None, text=true))]
     fn stream(
         &self,
         messages_json: &str,
         images: &Bound<'_, PyList>,
         options_json: &str,
         grammar: Option<(String, String)>,
+        text: bool,
     ) -> PyResult<Stream> {
         let req = self.request(messages_json, images, options_json, grammar)?;
         let cancel = req.cancel.clone();
-        Ok(Stream { rx: Mutex::new(Some(submit(&self.scheduler, req, true))), cancel, result: Mutex::new(None) })
+        Ok(Stream { rx: Mutex::new(Some(submit(&self.scheduler, req, text))), cancel, result: Mutex::new(None) })
+    }
+
+    /// Issues the batching-fallback warning if it is due (after waiting on handles).
+    fn check_warnings(&self, py: Python<'_>) -> PyResult<()> {
+        self.warn_fallback(py)
     }
 }

@@ -29,8 +29,24 @@ fn normalise(b: u8) -> f32 {
     (b as f32 - 127.5) / 127.5
 }
 
+/// How entries are padded to a common number of patches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    /// To the per-axis maximum patch grid of the image (`max(h) * max(w)`), as the
+    /// public preprocessing API reports it.
+    PerAxis,
+    /// To the largest entry's patch count: less padding for the vision encoder to carry;
+    /// the attention mask makes the features identical.
+    Tight,
+}
+
 /// Runs the pixel pipeline for `image` under an already computed `grid`.
 pub fn preprocess_with_grid(image: &RgbImage, grid: &TileGrid) -> Result<PreprocessedImage> {
+    preprocess_padded(image, grid, Padding::PerAxis)
+}
+
+/// [`preprocess_with_grid`] with a choice of padding.
+pub fn preprocess_padded(image: &RgbImage, grid: &TileGrid, padding: Padding) -> Result<PreprocessedImage> {
     let g = Geometry::LFM2_VL;
     let p = g.patch_size;
     let patch_dim = p * p * 3;
@@ -52,9 +68,14 @@ pub fn preprocess_with_grid(image: &RgbImage, grid: &TileGrid) -> Result<Preproc
         entries.push((t, 0, 0, h, w));
     }
 
-    let max_hp = entries.iter().map(|e| e.3 / p).max().unwrap_or(0);
-    let max_wp = entries.iter().map(|e| e.4 / p).max().unwrap_or(0);
-    let per_entry = max_hp * max_wp;
+    let per_entry = match padding {
+        Padding::PerAxis => {
+            let max_hp = entries.iter().map(|e| e.3 / p).max().unwrap_or(0);
+            let max_wp = entries.iter().map(|e| e.4 / p).max().unwrap_or(0);
+            max_hp * max_wp
+        }
+        Padding::Tight => entries.iter().map(|e| (e.3 / p) * (e.4 / p)).max().unwrap_or(0),
+    };
     let n = entries.len();
     let mut pixel_values = vec![0f32; n * per_entry * patch_dim];
     let mut mask = vec![0i64; n * per_entry];

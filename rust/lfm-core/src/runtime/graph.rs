@@ -48,6 +48,32 @@ impl Port {
 pub struct SessionConfig {
     pub intra_threads: Option<usize>,
     pub inter_threads: Option<usize>,
+    /// Execution providers in order of preference (`"cpu"` is always the fallback).
+    pub providers: Vec<String>,
+}
+
+fn provider(name: &str) -> Option<Box<dyn ort::ep::ExecutionProvider>> {
+    use ort::ep;
+    Some(match name {
+        "cuda" => Box::new(ep::CUDA::default()),
+        "tensorrt" => Box::new(ep::TensorRT::default()),
+        "rocm" => Box::new(ep::ROCm::default()),
+        "directml" => Box::new(ep::DirectML::default()),
+        "coreml" => Box::new(ep::CoreML::default()),
+        _ => return None,
+    })
+}
+
+/// ONNX Runtime's name of a provider option (`"cuda"` -> `CUDAExecutionProvider`).
+fn ort_name(name: &str) -> &'static str {
+    match name {
+        "cuda" => "CUDAExecutionProvider",
+        "tensorrt" => "TensorrtExecutionProvider",
+        "rocm" => "ROCMExecutionProvider",
+        "directml" => "DmlExecutionProvider",
+        "coreml" => "CoreMLExecutionProvider",
+        _ => "CPUExecutionProvider",
+    }
 }
 
 /// A loaded graph. ONNX Runtime sessions run one call at a time (`run` takes `&mut`), so
@@ -66,7 +92,9 @@ impl std::fmt::Debug for Graph {
 }
 
 impl Graph {
-    pub fn load(path: &Path, config: &SessionConfig) -> Result<Graph> {
+    /// Loads a graph; `warnings` receives what could not be honoured (a requested
+    /// execution provider that is not available, so the CPU runs that graph).
+    pub fn load(path: &Path, config: &SessionConfig, warnings: &mut Vec<String>) -> Result<Graph> {
         if !path.exists() {
             return Err(Error::NotFound { path: path.to_path_buf() });
         }
@@ -80,6 +108,18 @@ impl Graph {
             builder = builder.with_inter_threads(n).map_err(|e| load_err(e.into()))?;
             if n > 1 {
                 builder = builder.with_parallel_execution(true).map_err(|e| load_err(e.into()))?;
+            }
+        }
+        for name in config.providers.iter().filter(|p| p.as_str() != "cpu") {
+            let Some(ep) = provider(name) else { continue };
+            let available = ep.is_available().unwrap_or(false);
+            let registered = available && ep.register(&mut builder).is_ok();
+            if !registered {
+                let why = if available { "it failed to start (driver or libraries missing?)" } else { "this ONNX Runtime build does not include it (install onnxruntime-gpu for CUDA/TensorRT)" };
+                let msg = format!("execution provider `{name}` ({}) is not available: {why}; using the CPU", ort_name(name));
+                if !warnings.contains(&msg) {
+                    warnings.push(msg);
+                }
             }
         }
         let session = builder.commit_from_file(path).map_err(load_err)?;

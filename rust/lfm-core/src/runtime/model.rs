@@ -144,6 +144,8 @@ fn discover_layers(dec: &Graph) -> Result<Vec<LayerKind>> {
 /// The loaded graphs.
 pub struct Model {
     pub spec: ModelSpec,
+    /// What loading could not honour (e.g. an unavailable execution provider).
+    pub warnings: Vec<String>,
     vision: Graph,
     embed: Graph,
     decoder: Graph,
@@ -157,9 +159,10 @@ impl std::fmt::Debug for Model {
 
 impl Model {
     pub fn load(paths: &GraphPaths, config: &SessionConfig) -> Result<Model> {
-        let vision = Graph::load(&paths.vision_encoder, config)?;
-        let embed = Graph::load(&paths.embed_tokens, config)?;
-        let decoder = Graph::load(&paths.decoder, config)?;
+        let mut warnings = Vec::new();
+        let vision = Graph::load(&paths.vision_encoder, config, &mut warnings)?;
+        let embed = Graph::load(&paths.embed_tokens, config, &mut warnings)?;
+        let decoder = Graph::load(&paths.decoder, config, &mut warnings)?;
         let mut spec = Self::check_contracts(&vision, &embed, &decoder)?;
         // GroupQueryAttention takes each row's length from its mask row; anything else is
         // assumed to derive positions from the cache width.
@@ -167,7 +170,7 @@ impl Model {
         if ops.iter().any(|(_, op)| op == "GroupQueryAttention") {
             spec.batching = super::batch::BatchSemantics::MaskLengths;
         }
-        Ok(Model { spec, vision, embed, decoder })
+        Ok(Model { spec, warnings, vision, embed, decoder })
     }
 
     fn check_contracts(vision: &Graph, embed: &Graph, dec: &Graph) -> Result<ModelSpec> {
