@@ -51,6 +51,13 @@ class Engine:
         spec: dict[str, Any] = self._check_process().spec()
         return spec
 
+    @property
+    def stats(self) -> dict[str, int]:
+        """Scheduler counters: ``decoder_steps`` (a batched step counts once),
+        ``sequence_steps`` and ``max_batch``."""
+        stats: dict[str, int] = self._check_process().stats()
+        return stats
+
     def _check_process(self) -> Any:
         if os.getpid() != self._pid:
             raise LfmError(

@@ -6,6 +6,7 @@
 //! says why once.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -33,23 +34,36 @@ pub struct Job {
     pub reply: Reply,
 }
 
+/// Counters of what the scheduler did.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Decoder steps run (a batched step counts once).
+    pub steps: AtomicUsize,
+    /// Sequence-steps run (a batched step of 4 rows counts 4).
+    pub rows: AtomicUsize,
+    /// The largest batch run in one decoder call.
+    pub max_batch: AtomicUsize,
+}
+
 /// Handle to an engine's scheduler thread; dropping it ends the thread once idle.
 pub struct Scheduler {
     tx: Sender<Job>,
     /// Set when batching was found to change results on this model.
     pub fallback_reason: Arc<Mutex<Option<String>>>,
+    pub stats: Arc<Stats>,
 }
 
 impl Scheduler {
     pub fn start(engine: Arc<Engine>) -> Scheduler {
         let (tx, rx) = crossbeam_channel::unbounded();
         let fallback_reason = Arc::new(Mutex::new(None));
-        let reason = fallback_reason.clone();
+        let stats = Arc::new(Stats::default());
+        let (reason, counters) = (fallback_reason.clone(), stats.clone());
         std::thread::Builder::new()
             .name("lfm-scheduler".into())
-            .spawn(move || Worker::new(engine, reason).run(rx))
+            .spawn(move || Worker::new(engine, reason, counters).run(rx))
             .ok();
-        Scheduler { tx, fallback_reason }
+        Scheduler { tx, fallback_reason, stats }
     }
 
     pub fn submit(&self, job: Job) {
@@ -79,17 +93,18 @@ struct Worker {
     caches: Caches,
     verified: bool,
     fallback_reason: Arc<Mutex<Option<String>>>,
+    stats: Arc<Stats>,
 }
 
 impl Worker {
-    fn new(engine: Arc<Engine>, fallback_reason: Arc<Mutex<Option<String>>>) -> Worker {
+    fn new(engine: Arc<Engine>, fallback_reason: Arc<Mutex<Option<String>>>, stats: Arc<Stats>) -> Worker {
         let batched = match engine.options().batching {
             Batching::On => true,
             Batching::Off => false,
             Batching::Auto => engine.spec().batching == BatchSemantics::MaskLengths,
         };
         let caches = if batched { Caches::Batched(engine.model().batch_new()) } else { Caches::Single(Vec::new()) };
-        Worker { engine, active: Vec::new(), caches, verified: false, fallback_reason }
+        Worker { engine, active: Vec::new(), caches, verified: false, fallback_reason, stats }
     }
 
     fn run(mut self, rx: Receiver<Job>) {
@@ -181,6 +196,10 @@ impl Worker {
             return Ok(());
         }
         let next: Vec<u32> = outcomes.into_iter().map(|o| if let Ok(Step::Continue(id)) = o { id } else { 0 }).collect();
+        let batched = matches!(self.caches, Caches::Batched(_));
+        self.stats.steps.fetch_add(if batched { 1 } else { next.len() }, Ordering::Relaxed);
+        self.stats.rows.fetch_add(next.len(), Ordering::Relaxed);
+        self.stats.max_batch.fetch_max(if batched { next.len() } else { 1 }, Ordering::Relaxed);
         let hidden = engine.spec().hidden;
         match &mut self.caches {
             Caches::Single(caches) => {

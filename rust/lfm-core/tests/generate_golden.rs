@@ -22,10 +22,15 @@ fn images(case: &serde_json::Value) -> Vec<ImageSource> {
 }
 
 fn check_model(name: &str) {
+    check_model_against(name, name);
+}
+
+/// `name`'s graphs against the goldens of `golden_of` (the same weights).
+fn check_model_against(name: &str, golden_of: &str) {
     if !common::ort_available() {
         return;
     }
-    let golden = common::golden(&format!("generate_{name}.json"));
+    let golden = common::golden(&format!("generate_{golden_of}.json"));
     let dir = common::fixtures().join("models").join(name);
     let budgets = &golden["budgets"];
     for case in golden["cases"].as_array().unwrap() {
@@ -64,4 +69,10 @@ fn tiny16_matches_transformers() {
 #[test]
 fn tiny6_matches_transformers() {
     check_model("tiny6");
+}
+
+#[test]
+fn tiny16_gqa_matches_transformers() {
+    // tiny16's weights, attention through GroupQueryAttention as in the official export.
+    check_model_against("tiny16-gqa", "tiny16");
 }

@@ -258,6 +258,16 @@ impl PyEngine {
         Ok(PyEngine { scheduler: Scheduler::start(inner.clone()), inner, warned: AtomicBool::new(false) })
     }
 
+    /// Scheduler counters: decoder steps, sequence-steps, largest batch.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let st = &self.scheduler.stats;
+        let d = PyDict::new(py);
+        d.set_item("decoder_steps", st.steps.load(Ordering::Relaxed))?;
+        d.set_item("sequence_steps", st.rows.load(Ordering::Relaxed))?;
+        d.set_item("max_batch", st.max_batch.load(Ordering::Relaxed))?;
+        Ok(d)
+    }
+
     /// What loading could not honour (shown as `lfm.LfmWarning` by the Python layer).
     fn load_warnings(&self) -> Vec<String> {
         self.inner.model().warnings.clone()
@@ -279,6 +289,11 @@ impl PyEngine {
         d.set_item("head_dim", s.head_dim)?;
         d.set_item("tokenizer_vocab", self.inner.tokenizer().vocab_size)?;
         d.set_item("eos_token_id", self.inner.tokenizer().special.eos)?;
+        let batching = match s.batching {
+            lfm_core::runtime::BatchSemantics::MaskLengths => "mask_lengths",
+            lfm_core::runtime::BatchSemantics::CacheWidth => "cache_width",
+        };
+        d.set_item("attention_rows", batching)?;
         Ok(d)
     }
 
