@@ -1,13 +1,20 @@
 """Build a random-weight model of the REAL LFM2.5-VL-450M size for benchmarks (never committed).
 
     /work/venvs/ref/bin/python scripts/make_bench_model.py [--out DIR] [--int8] [--skip-check]
+                                                           [--attention gqa|plain] [--rope-positions N]
 
 Writes (default DIR = bench-models/real/ at the repository root, ignored by git)
   onnx/vision_encoder.onnx, onnx/embed_tokens.onnx, onnx/decoder_model_merged.onnx
       fp32, legacy exporter, the official LFM2.5-VL-450M-ONNX I/O contract (the export
       wrappers and dim renaming of fixture_lib.py). Each graph is under protobuf's 2 GiB limit
       (the decoder is ~1.4 GB), so each is one file; a graph over it would be re-saved with an
-      ``<name>.onnx_data`` sidecar.
+      ``<name>.onnx_data`` sidecar. The decoder's attention is, by default (``--attention gqa``),
+      com.microsoft.GroupQueryAttention fed from the attention mask as in the official export
+      (fixture_lib.export_gqa_decoder, as the tiny16-gqa fixture), with cos/sin caches of
+      ``--rope-positions`` rows (default: the config's max_position_embeddings, 128000, as the
+      official graph): the longest total sequence (prompt + new tokens) the graph accepts.
+      ``--attention plain`` exports fixture_lib's plain-ONNX attention instead (positions from
+      the mask width; lfm then never batches decoder steps).
   onnx/decoder_model_merged_q8.onnx, onnx/vision_encoder_q8.onnx      (with --int8)
       onnxruntime.quantization.quantize_dynamic, QInt8 weights (embed_tokens has no q8 upstream).
   tokenizer.json        synthetic byte-level BPE, vocab 65536 with the real special-token ids
@@ -43,7 +50,7 @@ sys.path.insert(0, HERE)
 
 import fixture_lib as L  # noqa: E402
 
-SCRIPT_VERSION = "1.0"
+SCRIPT_VERSION = "1.1"
 VOCAB = 65536
 CORPUS_SEED = 65536
 WEIGHT_SEED = 450
@@ -281,6 +288,12 @@ def main():
                     help="folder with the real config.json and the small tokenizer/processor config files")
     ap.add_argument("--skip-check", action="store_true", help="skip the onnxruntime-vs-transformers check")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--attention", choices=["gqa", "plain"], default="gqa",
+                    help="decoder attention: com.microsoft.GroupQueryAttention fed from the mask, as the "
+                         "official export (default), or fixture_lib's plain ONNX ops")
+    ap.add_argument("--rope-positions", type=int, default=None,
+                    help="rows of the GQA cos/sin caches = longest total sequence the decoder accepts "
+                         "(default: the config's max_position_embeddings)")
     args = ap.parse_args()
 
     import torch
@@ -320,13 +333,19 @@ def main():
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
 
+    rope_positions = args.rope_positions or int(model.config.text_config.max_position_embeddings)
     t0 = time.time()
     with torch.no_grad():
         L.export_onnx(model, onnx_dir)
+        if args.attention == "gqa":  # replace the plain decoder by the official-style one
+            gc.collect()
+            L.export_gqa_decoder(model, onnx_dir, max_positions=rope_positions)
     for g in GRAPHS:
         externalize_if_large(os.path.join(onnx_dir, g))
     timings["onnx_export_s"] = time.time() - t0
-    log(f"ONNX export (3 graphs, legacy exporter): {timings['onnx_export_s']:.1f}s, peak RSS {peak_rss_gb():.1f} GB")
+    log(f"ONNX export (3 graphs, legacy exporter, {args.attention} attention"
+        f"{f', cos/sin caches of {rope_positions} rows' if args.attention == 'gqa' else ''}): "
+        f"{timings['onnx_export_s']:.1f}s, peak RSS {peak_rss_gb():.1f} GB")
 
     proc = Lfm2VlProcessor.from_pretrained(out)
     ptok = proc.tokenizer
@@ -378,6 +397,9 @@ def main():
         "N(0, 1/sqrt(fan_in)), biases ~ N(0, 0.02); tied embeddings",
         "tokenizer": {"vocab": VOCAB, "corpus_seed": CORPUS_SEED, "learner": "tokenizers.trainers.BpeTrainer"},
         "export": {"exporter": "torch.onnx legacy (dynamo=False)", "opset": 18,
+                   "decoder_attention": "com.microsoft.GroupQueryAttention (fixture_lib.export_gqa_decoder)"
+                   if args.attention == "gqa" else "plain ONNX ops (fixture_lib.export_onnx)",
+                   "rope_cache_positions": rope_positions if args.attention == "gqa" else None,
                    "int8": "onnxruntime.quantization.quantize_dynamic, QInt8 weights" if args.int8 else None},
         "threads": args.threads, "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "peak_rss_gb": round(peak_rss_gb(), 2), **report, "versions": versions(), "files": files,

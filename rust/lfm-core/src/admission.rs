@@ -49,7 +49,11 @@ pub fn check_messages(messages: &Value, limits: &Limits, specials: &[String]) ->
             return Err(rejected(format!("{field}.role"), format!("{role:?}"), ROLES.join(", "), format!("{field} has role {role:?}; allowed: {}", ROLES.join(", "))));
         }
         match obj.get("content") {
-            None | Some(Value::Null) => parts_total += 1,
+            // Only an assistant turn that calls tools may come without content.
+            None | Some(Value::Null) if role == "assistant" && obj.contains_key("tool_calls") => parts_total += 1,
+            None | Some(Value::Null) => {
+                return Err(rejected(format!("{field}.content"), "missing", "a string or a list of parts", format!("{field} has no content")));
+            }
             Some(Value::String(s)) => {
                 parts_total += 1;
                 check_text(s, &format!("{field}.content"))?;

@@ -53,7 +53,14 @@ impl Grammar {
             })
             .as_ref()
             .map_err(|e| Error::Internal(format!("grammar checker: {e}")))?;
-        Constraint::new(factory, self).map(|_| ())
+        let mut c = Constraint::new(factory, self)?;
+        // A grammar whose language is empty would stall at the first token.
+        let admits_something = c.matcher.compute_mask().map(|m| m.num_set() > 0).unwrap_or(false)
+            || c.matcher.is_accepting().unwrap_or(false);
+        if !admits_something {
+            return Err(grammar_err(format!("the {} grammar admits no output at all", self.kind())));
+        }
+        Ok(())
     }
 }
 
@@ -241,6 +248,8 @@ mod tests {
         let e = Grammar::JsonSchema(unsupported).check().unwrap_err().to_string();
         assert!(e.contains("uniqueItems"), "{e}");
         assert!(Grammar::JsonSchema(serde_json::json!({"type": "integer"})).check().is_ok());
+        let empty = serde_json::json!({"type": "integer", "minimum": 5, "maximum": 3});
+        assert!(matches!(Grammar::JsonSchema(empty).check(), Err(Error::Grammar { .. })));
     }
 
     #[test]

@@ -71,9 +71,23 @@ impl TextTokenizer {
             bos_token,
             eos_token,
         };
+        // User text may not contain any special token of this tokenizer, nor the prompt
+        // structure's own markers (even where a tokenizer does not flag them special).
         let mut special_strings: Vec<String> =
             inner.get_added_tokens_decoder().values().filter(|t| t.special).map(|t| t.content.clone()).collect();
+        special_strings.extend(
+            [IMAGE_TOKEN, IMAGE_START, IMAGE_END, IMAGE_THUMBNAIL, special.bos_token.as_str(), special.eos_token.as_str(), "<|im_start|>"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        for r in 1..=MAX_TILES_CAP {
+            for c in 1..=MAX_TILES_CAP {
+                special_strings.push(tile_marker(r, c));
+            }
+        }
+        special_strings.retain(|s| !s.is_empty());
         special_strings.sort();
+        special_strings.dedup();
         let vocab_size = inner.get_vocab_size(true);
         Ok(TextTokenizer { inner, special, special_strings, vocab_size })
     }

@@ -134,3 +134,10 @@ pub fn apply_chat_template(
         lfm_core::chat::ChatTemplate::new(&source)?.render(&messages, tools.as_ref(), add_generation_prompt, &bos)
     })
 }
+
+/// Panics inside the core, for the test that proves no panic reaches Python (it must
+/// come back as `lfm.InternalError`).
+#[pyfunction]
+pub fn _panic_for_tests(py: Python<'_>) -> PyResult<()> {
+    detached(py, || -> lfm_core::Result<()> { panic!("deliberate panic for the test suite") })
+}

@@ -58,7 +58,10 @@ fn open(bytes: &[u8]) -> Result<(ImageFormat, impl ImageDecoder + use<'_>)> {
     if bytes.is_empty() {
         return Err(decode_err("empty input (0 bytes)"));
     }
-    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(decode_err)?;
+    let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(decode_err)?;
+    // The header is checked against lfm's own limits (typed errors naming the limit);
+    // the decoder gets them before any pixel is decoded.
+    reader.no_limits();
     let Some(format) = reader.format() else {
         return Err(decode_err("unrecognised format (supported: JPEG, PNG, WebP)"));
     };

@@ -1,0 +1,160 @@
+"""Untrusted input: images, text and grammars that must be refused with a typed error
+(value and limit attached), never a crash, a hang or a silent wrong answer."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from conftest import IMAGES, MODELS
+
+import lfm
+
+
+@pytest.fixture(scope="module")
+def engine() -> lfm.Engine:
+    return lfm.Engine.from_dir(MODELS / "tiny16", lfm.EngineOptions(intra_threads=1))
+
+
+def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A small PNG file whose header declares ``width x height`` (a decompression bomb's
+    shape: the pixel data would expand far beyond the file)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(("w", "h", "field"), [(100_000, 10, "width"), (20, 16_385, "height"), (16_000, 16_000, "decoded size in bytes")])
+def test_decompression_bombs_are_refused_from_the_header(engine: lfm.Engine, w: int, h: int, field: str) -> None:
+    with pytest.raises(lfm.ImageError) as info:
+        engine.generate("Describe.", [png_header(w, h)])
+    assert info.value.field == field and info.value.limit is not None and info.value.value is not None
+
+
+def test_limits_are_configurable(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    small = lfm.Engine.from_dir(MODELS / "tiny16", lfm.EngineOptions(limits=lfm.Limits(max_image_side=64)))
+    with pytest.raises(lfm.ImageError) as info:
+        small.generate("Describe.", [(IMAGES / "grad_120x80.jpg").read_bytes()])
+    assert info.value.limit == "64"
+    assert small.generate("Describe.", [(IMAGES / "grad_64x48.png").read_bytes()], {"max_new_tokens": 2})
+
+
+def test_cmyk_jpeg_decodes_like_pil() -> None:
+    from PIL import Image
+
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    rgb.convert("CMYK").save(buf, format="JPEG", quality=95)
+    data = buf.getvalue()
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode == "CMYK"
+        want = np.asarray(im.convert("RGB"))
+    assert np.array_equal(lfm.preproc.decode(data), want)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x00" * 100,
+        b"GIF89a" + b"\x00" * 20,
+        b"\x89PNG\r\n\x1a\n",
+        b"\xff\xd8\xff",
+        b"RIFF\x00\x00\x00\x00WEBPVP8 ",
+        (IMAGES / "grad_64x48.png").read_bytes()[:-20],
+        (IMAGES / "grad_120x80.jpg").read_bytes()[:300],
+        (IMAGES / "grad_50x40.webp").read_bytes()[:40],
+    ],
+)
+def test_corrupt_images_are_image_errors(engine: lfm.Engine, data: bytes) -> None:
+    with pytest.raises(lfm.ImageError):
+        engine.generate("Describe.", [data], {"max_new_tokens": 2})
+
+
+def test_animated_gif_is_refused_with_the_supported_formats(engine: lfm.Engine) -> None:
+    from PIL import Image
+
+    frames = [Image.new("RGB", (8, 8), c) for c in ("red", "blue")]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    with pytest.raises(lfm.ImageError, match="GIF|Gif|format"):
+        engine.generate("Describe.", [buf.getvalue()])
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 4000, 3), (3, 3, 1), (5, 7, 4), (9, 9)])
+def test_odd_arrays(engine: lfm.Engine, shape: tuple[int, ...]) -> None:
+    gen = engine.generate("Describe.", [np.zeros(shape, np.uint8)], {"max_new_tokens": 2})
+    assert gen.usage.image_tokens > 0
+
+
+def test_absurd_aspect_ratio_is_an_image_error(engine: lfm.Engine) -> None:
+    with pytest.raises(lfm.ImageError) as info:
+        engine.generate("Describe.", [np.zeros((1, 16_000, 3), np.uint8)])
+    assert info.value.field == "image tokens"
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [],
+        [{"role": "user"}],
+        [{"role": "user", "content": 5}],
+        [{"role": "user", "content": [{"type": "audio"}]}],
+        [{"role": "user", "content": [{"type": "text"}]}],
+        [{"role": "system", "content": [{"type": "image", "image": np.zeros((8, 8, 3), np.uint8)}]}],
+        [{"role": "User", "content": "hi"}],
+        [{"role": "user", "content": "<|img_row_1_col_2|>"}],
+        [{"role": "assistant", "content": "fake <|image_start|>"}],
+        [{"role": "system", "content": "<image>"}],
+    ],
+)
+def test_malformed_messages_are_rejected(engine: lfm.Engine, messages: list) -> None:  # type: ignore[type-arg]
+    with pytest.raises(lfm.RequestRejectedError) as info:
+        engine.generate(messages)
+    assert info.value.field is not None
+
+
+def test_text_limits(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    e = lfm.Engine.from_dir(MODELS / "tiny16", lfm.EngineOptions(limits=lfm.Limits(max_text_bytes=100, max_messages=2)))
+    with pytest.raises(lfm.RequestRejectedError) as info:
+        e.generate("x" * 101)
+    assert info.value.limit == "100"
+    with pytest.raises(lfm.RequestRejectedError, match="max_messages"):
+        e.generate([{"role": "user", "content": "a"}] * 3)
+
+
+def test_nul_and_odd_text_are_fine(engine: lfm.Engine) -> None:
+    for text in ["", "a\x00b", "\ud7ff\ue000", "é" * 50, "\n\n\t"]:
+        assert engine.generate(text, options={"max_new_tokens": 2}).finish_reason == "length"
+
+
+def test_grammar_that_admits_nothing() -> None:
+    with pytest.raises(lfm.GrammarError, match="Unsatisfiable|admits no output"):
+        lfm.Grammar.json_schema({"type": "integer", "minimum": 5, "maximum": 3})
+    with pytest.raises(lfm.GrammarError, match="Unsatisfiable|admits no output"):
+        lfm.Grammar.json_schema({"allOf": [{"type": "string"}, {"type": "integer"}]})
+
+
+def test_no_panic_reaches_python() -> None:
+    from lfm import _lfm
+
+    with pytest.raises(lfm.InternalError, match="deliberate panic"):
+        _lfm._panic_for_tests()
+
+
+def test_decoder_without_cache_inputs_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(MODELS / "tiny16", d)
+    # The embed graph has the right name for one decoder input only: no cache inputs.
+    shutil.copy(d / "onnx" / "embed_tokens.onnx", d / "onnx" / "decoder_model_merged.onnx")
+    with pytest.raises(lfm.ModelLoadError, match="decoder_model_merged.onnx"):
+        lfm.Engine.from_dir(d)
