@@ -31,3 +31,4 @@ pub mod stream;
 pub mod sequence;
 #[cfg(feature = "inference")]
 pub mod scheduler;
+pub mod fuzzing;

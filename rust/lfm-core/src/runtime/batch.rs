@@ -104,7 +104,7 @@ impl Model {
                             data.extend_from_slice(c);
                         }
                     }
-                    let state = float_value(STAGE, s.cache_float, &[b, s.conv_channels, s.conv_width], data)?;
+                    let state = float_value(STAGE, s.conv_float, &[b, s.conv_channels, s.conv_width], data)?;
                     layers.push(LayerCache::Conv { state });
                 }
                 LayerKind::Attention => {
@@ -123,8 +123,8 @@ impl Model {
                         }
                     }
                     layers.push(LayerCache::Attention {
-                        key: float_value(STAGE, s.cache_float, &[b, h, width, d], kd)?,
-                        value: float_value(STAGE, s.cache_float, &[b, h, width, d], vd)?,
+                        key: float_value(STAGE, s.kv_float, &[b, h, width, d], kd)?,
+                        value: float_value(STAGE, s.kv_float, &[b, h, width, d], vd)?,
                     });
                 }
             }

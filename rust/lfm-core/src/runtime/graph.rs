@@ -100,7 +100,7 @@ impl Graph {
         }
         let load_err = |e: ort::Error| Error::model_load(path, format!("ONNX Runtime cannot load it: {e}"));
         let mut builder = Session::builder().map_err(load_err)?;
-        builder = builder.with_optimization_level(GraphOptimizationLevel::Level3).map_err(|e| load_err(e.into()))?;
+        builder = builder.with_optimization_level(GraphOptimizationLevel::All).map_err(|e| load_err(e.into()))?;
         if let Some(n) = config.intra_threads {
             builder = builder.with_intra_threads(n).map_err(|e| load_err(e.into()))?;
         }

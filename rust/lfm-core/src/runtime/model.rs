@@ -50,7 +50,9 @@ pub struct ModelSpec {
     pub batching: super::batch::BatchSemantics,
     pub vision_float: FloatType,
     pub embeds_float: FloatType,
-    pub cache_float: FloatType,
+    /// Element types of the conv states and of the key/value caches.
+    pub conv_float: FloatType,
+    pub kv_float: FloatType,
 }
 
 /// One layer's cache.
@@ -204,7 +206,7 @@ impl Model {
 
         let mut conv: Option<(usize, usize)> = None;
         let mut kv: Option<(usize, usize)> = None;
-        let mut cache_float = None;
+        let (mut conv_float, mut kv_float): (Option<FloatType>, Option<FloatType>) = (None, None);
         let agree = |port: &Port, got: (usize, usize), slot: &mut Option<(usize, usize)>| -> Result<()> {
             match *slot {
                 Some(want) if want != got => Err(dec.error(format!("`{}` has widths {got:?}, other layers {want:?}", port.name))),
@@ -231,7 +233,13 @@ impl Model {
                 if p.float_type() != q.float_type() {
                     return Err(dec.error(format!("`{past}` and `{present}` differ in element type")));
                 }
-                cache_float.get_or_insert(p.float_type());
+                let slot = if *kind == LayerKind::Conv { &mut conv_float } else { &mut kv_float };
+                match (*slot, p.float_type()) {
+                    (Some(a), Some(b)) if a != b => {
+                        return Err(dec.error(format!("`{past}` is {b:?} but other layers of its kind are {a:?}")));
+                    }
+                    (_, t) => *slot = t,
+                }
                 let widths = match kind {
                     LayerKind::Conv => (dec.width(&p, 1, "conv channels")?, dec.width(&p, 2, "conv width")?),
                     LayerKind::Attention => (dec.width(&p, 1, "kv heads")?, dec.width(&p, 3, "head dim")?),
@@ -261,7 +269,8 @@ impl Model {
             batching: super::batch::BatchSemantics::CacheWidth,
             vision_float: float(&pv),
             embeds_float: float(&din),
-            cache_float: cache_float.flatten().unwrap_or(FloatType::F32),
+            conv_float: conv_float.unwrap_or(FloatType::F32),
+            kv_float: kv_float.unwrap_or(FloatType::F32),
         })
     }
 
@@ -311,11 +320,11 @@ impl Model {
             .map(|k| {
                 Ok(match k {
                     LayerKind::Conv => LayerCache::Conv {
-                        state: float_value(STAGE, s.cache_float, &[1, s.conv_channels, s.conv_width], vec![0.0; s.conv_channels * s.conv_width])?,
+                        state: float_value(STAGE, s.conv_float, &[1, s.conv_channels, s.conv_width], vec![0.0; s.conv_channels * s.conv_width])?,
                     },
                     LayerKind::Attention => LayerCache::Attention {
-                        key: float_value(STAGE, s.cache_float, &[1, s.kv_heads, 0, s.head_dim], Vec::new())?,
-                        value: float_value(STAGE, s.cache_float, &[1, s.kv_heads, 0, s.head_dim], Vec::new())?,
+                        key: float_value(STAGE, s.kv_float, &[1, s.kv_heads, 0, s.head_dim], Vec::new())?,
+                        value: float_value(STAGE, s.kv_float, &[1, s.kv_heads, 0, s.head_dim], Vec::new())?,
                     },
                 })
             })
