@@ -50,6 +50,9 @@ def check_grammar(kind: str, source: str) -> None:
 def init_ort(path: str | None) -> str:
     """Loads ONNX Runtime's shared library once per process; returns the path in use."""
 
+def available_providers() -> list[str]:
+    """Execution providers the loaded ONNX Runtime offers (lfm's names), "cpu" first."""
+
 def _panic_for_tests() -> None:
     """Panics inside the core (the test suite checks it comes back as InternalError)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import warnings
@@ -40,6 +41,27 @@ class Engine:
         for message in core.load_warnings():
             warnings.warn(message, LfmWarning, stacklevel=2)
         return cls(core, opts)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id: str,
+        variant: str | Mapping[str, str] | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        options: EngineOptions | Mapping[str, Any] | None = None,
+    ) -> Engine:
+        """Loads ``repo_id`` (e.g. ``"LiquidAI/LFM2.5-VL-450M-ONNX"``) through the Hugging
+        Face Hub, downloading only the files ``variant`` needs (``variant`` wins over
+        ``options.variant``). Honours ``HF_HUB_OFFLINE`` and the HF cache. Needs
+        ``huggingface_hub``."""
+        from .loaders import download
+
+        opts = coerce(EngineOptions, options)
+        if variant is not None:
+            opts = dataclasses.replace(opts, variant=variant)
+        path = download(repo_id, opts.variant, revision=revision, cache_dir=cache_dir)
+        return cls.from_dir(path, opts)
 
     @property
     def options(self) -> EngineOptions:

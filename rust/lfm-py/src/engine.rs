@@ -50,6 +50,12 @@ pub fn check_grammar(py: Python<'_>, kind: &str, source: &str) -> PyResult<()> {
     detached(py, move || g.check())
 }
 
+/// Execution providers the loaded ONNX Runtime offers (lfm's names).
+#[pyfunction]
+pub fn available_providers() -> Vec<&'static str> {
+    lfm_core::runtime::graph::available_providers()
+}
+
 /// Loads ONNX Runtime from `path` (once per process); returns the path in use.
 #[pyfunction]
 pub fn init_ort(py: Python<'_>, path: Option<PathBuf>) -> PyResult<String> {

@@ -64,6 +64,17 @@ fn provider(name: &str) -> Option<Box<dyn ort::ep::ExecutionProvider>> {
     })
 }
 
+/// The execution providers this ONNX Runtime can use (by lfm's names), CPU included.
+pub fn available_providers() -> Vec<&'static str> {
+    let mut out = vec!["cpu"];
+    for name in ["cuda", "tensorrt", "rocm", "directml", "coreml"] {
+        if provider(name).is_some_and(|p| p.is_available().unwrap_or(false)) {
+            out.push(name);
+        }
+    }
+    out
+}
+
 /// ONNX Runtime's name of a provider option (`"cuda"` -> `CUDAExecutionProvider`).
 fn ort_name(name: &str) -> &'static str {
     match name {
