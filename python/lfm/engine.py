@@ -16,6 +16,7 @@ from . import _lfm, _ort
 from ._batch import Progress, collect
 from ._images import ImageLike
 from ._messages import Messages, prepare, template_json
+from .bundled import check_against_bundled
 from .errors import LfmError, LfmWarning, ParseError
 from .grammar import Grammar
 from .options import EngineOptions, RequestOptions, coerce
@@ -32,14 +33,37 @@ class Engine:
         self._pid = os.getpid()
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike[str], options: EngineOptions | Mapping[str, Any] | None = None) -> Engine:
+    def from_dir(
+        cls,
+        path: str | os.PathLike[str],
+        options: EngineOptions | Mapping[str, Any] | None = None,
+        *,
+        strict: bool = True,
+    ) -> Engine:
         """Loads a model folder: the Hugging Face layout (graphs under ``onnx/``) or a flat
-        one. Needs the three graphs and ``tokenizer.json``."""
+        one. Needs the three graphs and ``tokenizer.json``. When the folder's config is
+        LFM2.5-VL-450M's, ``strict`` checks its tokenizer and chat template against the
+        copies bundled with lfm and explains any difference (``strict=False`` skips that)."""
         opts = coerce(EngineOptions, options)
+        if strict:
+            check_against_bundled(os.fspath(path))
         _ort.ensure_loaded()
         core = _lfm.Engine.from_dir(os.fspath(path), json.dumps(opts.to_dict()))
+        return cls._loaded(core, opts)
+
+    @classmethod
+    def from_onnx_dir(cls, path: str | os.PathLike[str], options: EngineOptions | Mapping[str, Any] | None = None) -> Engine:
+        """Loads the three graphs alone (from ``path`` or ``path/onnx``); the tokenizer,
+        chat template and configs are the LFM2.5-VL-450M files bundled with lfm."""
+        opts = coerce(EngineOptions, options)
+        _ort.ensure_loaded()
+        core = _lfm.Engine.from_onnx_dir(os.fspath(path), json.dumps(opts.to_dict()))
+        return cls._loaded(core, opts)
+
+    @classmethod
+    def _loaded(cls, core: Any, opts: EngineOptions) -> Engine:
         for message in core.load_warnings():
-            warnings.warn(message, LfmWarning, stacklevel=2)
+            warnings.warn(message, LfmWarning, stacklevel=3)
         return cls(core, opts)
 
     @classmethod

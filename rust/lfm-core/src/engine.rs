@@ -75,7 +75,15 @@ impl Engine {
         let template = ChatTemplate::new(&template_source).map_err(|e| {
             Error::model_load(files.chat_template.clone().unwrap_or_default(), format!("chat template: {e}"))
         })?;
-        let tokenizer = TextTokenizer::from_file(&files.tokenizer, tokenizer_config.as_ref())?;
+        let tokenizer_config = match tokenizer_config {
+            Some(c) => Some(c),
+            None if files.tokenizer.is_none() => serde_json::from_str(bundled::TOKENIZER_CONFIG_JSON).ok(),
+            None => None,
+        };
+        let tokenizer = match &files.tokenizer {
+            Some(p) => TextTokenizer::from_file(p, tokenizer_config.as_ref())?,
+            None => TextTokenizer::from_bytes(std::path::Path::new("<bundled tokenizer.json>"), bundled::TOKENIZER_JSON, tokenizer_config.as_ref())?,
+        };
         let config = SessionConfig {
             intra_threads: options.intra_threads.map(usize::from),
             inter_threads: options.inter_threads.map(usize::from),
@@ -84,7 +92,7 @@ impl Engine {
         let model = Model::load(&files.graphs, &config)?;
         if tokenizer.vocab_size > model.spec.vocab {
             return Err(Error::model_load(
-                &files.tokenizer,
+                files.tokenizer.clone().unwrap_or_else(|| "<bundled tokenizer.json>".into()),
                 format!("the tokenizer has {} tokens but the decoder only {} logits", tokenizer.vocab_size, model.spec.vocab),
             ));
         }

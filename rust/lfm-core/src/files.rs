@@ -14,13 +14,17 @@ pub mod bundled {
     pub const CHAT_TEMPLATE_JINJA: &str = include_str!("../assets/chat_template.jinja");
     pub const PREPROCESSOR_CONFIG_JSON: &str = include_str!("../assets/preprocessor_config.json");
     pub const PROCESSOR_CONFIG_JSON: &str = include_str!("../assets/processor_config.json");
+    /// The LFM2.5-VL-450M tokenizer (provenance and licence in assets/NOTICE.md).
+    pub const TOKENIZER_JSON: &[u8] = include_bytes!("../assets/tokenizer.json");
+    pub const TOKENIZER_JSON_SHA256: &str = "f3910942aa907c48b0cc20ec426ee38bfa8dcda8feecf035ced981918cb30f14";
 }
 
 /// Every file an engine loads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelFiles {
     pub graphs: GraphPaths,
-    pub tokenizer: PathBuf,
+    /// `None`: the bundled LFM2.5-VL-450M tokenizer.
+    pub tokenizer: Option<PathBuf>,
     pub tokenizer_config: Option<PathBuf>,
     pub chat_template: Option<PathBuf>,
 }
@@ -51,10 +55,21 @@ impl ModelFiles {
         }
         Ok(ModelFiles {
             graphs,
-            tokenizer,
+            tokenizer: Some(tokenizer),
             tokenizer_config: optional(dir.join("tokenizer_config.json")),
             chat_template: optional(dir.join("chat_template.jinja")),
         })
+    }
+
+    /// The three graphs alone (in `dir` or `dir/onnx`); tokenizer, chat template and
+    /// configs come from the bundled copies of the real model's files.
+    pub fn from_onnx_dir(dir: &Path, variant: &Variant) -> Result<ModelFiles> {
+        if !dir.exists() {
+            return Err(Error::NotFound { path: dir.to_path_buf() });
+        }
+        let onnx = dir.join("onnx");
+        let graph_dir = if onnx.is_dir() { onnx } else { dir.to_path_buf() };
+        Ok(ModelFiles { graphs: Self::graphs_in(&graph_dir, variant)?, tokenizer: None, tokenizer_config: None, chat_template: None })
     }
 
     /// The three graphs of `variant` in `dir`, each of which must exist.

@@ -279,6 +279,18 @@ impl PyEngine {
         self.inner.model().warnings.clone()
     }
 
+    /// Loads the three graphs of a folder with the bundled tokenizer, template and configs.
+    #[staticmethod]
+    fn from_onnx_dir(py: Python<'_>, path: PathBuf, options_json: &str) -> PyResult<Self> {
+        let opts: EngineOptions = options::from_json("engine", options_json).map_err(|e| to_py_err(py, e))?;
+        let engine = detached(py, move || {
+            let files = ModelFiles::from_onnx_dir(&path, &opts.variant)?;
+            CoreEngine::load(&files, opts)
+        })?;
+        let inner = Arc::new(engine);
+        Ok(PyEngine { scheduler: Scheduler::start(inner.clone()), inner, warned: AtomicBool::new(false) })
+    }
+
     /// Widths read from the graphs.
     fn spec<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.inner.spec();

@@ -141,3 +141,34 @@ pub fn apply_chat_template(
 pub fn _panic_for_tests(py: Python<'_>) -> PyResult<()> {
     detached(py, || -> lfm_core::Result<()> { panic!("deliberate panic for the test suite") })
 }
+
+/// A file bundled with lfm (the real model's tokenizer, configs and chat template).
+#[pyfunction]
+pub fn bundled_file(py: Python<'_>, name: &str) -> PyResult<Py<pyo3::types::PyBytes>> {
+    use lfm_core::files::bundled as b;
+    let data: &[u8] = match name {
+        "tokenizer.json" => b::TOKENIZER_JSON,
+        "tokenizer_config.json" => b::TOKENIZER_CONFIG_JSON.as_bytes(),
+        "chat_template.jinja" => b::CHAT_TEMPLATE_JINJA.as_bytes(),
+        "config.json" => b::CONFIG_JSON.as_bytes(),
+        "preprocessor_config.json" => b::PREPROCESSOR_CONFIG_JSON.as_bytes(),
+        "processor_config.json" => b::PROCESSOR_CONFIG_JSON.as_bytes(),
+        other => return Err(PyValueError::new_err(format!("no bundled file {other:?}"))),
+    };
+    Ok(pyo3::types::PyBytes::new(py, data).unbind())
+}
+
+/// Token ids of `text` (no special tokens added) with a tokenizer.json file, or the
+/// bundled LFM2.5-VL-450M tokenizer when `path` is None.
+#[pyfunction]
+#[pyo3(signature = (text, path=None))]
+pub fn tokenize(py: Python<'_>, text: String, path: Option<std::path::PathBuf>) -> PyResult<Vec<u32>> {
+    use lfm_core::tokenizer::TextTokenizer;
+    detached(py, move || {
+        let tok = match &path {
+            Some(p) => TextTokenizer::from_file(p, None)?,
+            None => TextTokenizer::from_bytes(std::path::Path::new("<bundled>"), lfm_core::files::bundled::TOKENIZER_JSON, None)?,
+        };
+        tok.encode(&text)
+    })
+}
