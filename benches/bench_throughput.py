@@ -286,7 +286,7 @@ def _ref_setup(threads: int):
     import torch
 
     try:  # see scripts/make_fixtures.py: a CUDA-only torchvision C extension next to a CPU torch
-        import torchvision  # noqa: F401
+        import torchvision
     except RuntimeError:
         for m in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
             del sys.modules[m]

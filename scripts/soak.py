@@ -17,9 +17,8 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
-
 import lfm
+import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -102,7 +101,7 @@ def main() -> int:
             want = expected[case[0]]
             try:
                 got: Any = run(engine, case).token_ids
-            except Exception as e:  # noqa: BLE001 - classified below
+            except Exception as e:
                 got = type(e)
             ok = got == want if not isinstance(want, type) else (isinstance(got, type) and issubclass(got, want))
             with lock:

@@ -29,8 +29,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import make_fixtures as MF  # noqa: E402  (imports torch + the torchvision guard)
 import fixture_lib as L  # noqa: E402
+import make_fixtures as MF  # noqa: E402  (imports torch + the torchvision guard)
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 S = {"type": "string", "maxLength": 12}
-I = {"type": "integer", "minimum": -50, "maximum": 50}
+INT = {"type": "integer", "minimum": -50, "maximum": 50}
 
 
 def obj(props: dict[str, Any], required: list[str] | None = None, extra: bool = False, **kw: Any) -> dict[str, Any]:
@@ -42,55 +42,111 @@ JSON_SCHEMAS: dict[str, dict[str, Any]] = {
     # (format "date-time" is left out: llguidance admits leap second 60, which RFC 3339
     # allows but the jsonschema checker refuses.)
     "pattern_date_time": {"type": "string", "pattern": "^[0-9]{4}-[0-1][0-9]-[0-3][0-9]T[0-2][0-9]:[0-5][0-9]Z$"},
-    "array_bounds": {"type": "array", "items": I, "minItems": 2, "maxItems": 4},
+    "array_bounds": {"type": "array", "items": INT, "minItems": 2, "maxItems": 4},
     "array_of_strings": {"type": "array", "items": S, "maxItems": 3},
     "empty_array": {"type": "array", "maxItems": 0},
-    "prefix_items": {"type": "array", "prefixItems": [{"type": "string", "maxLength": 5}, {"type": "integer"}], "items": False},
-    "flat_object": obj({"name": S, "age": I, "ok": {"type": "boolean"}}),
-    "optional_fields": obj({"a": S, "b": I, "c": {"type": "boolean"}}, required=["a"]),
-    "no_required": obj({"x": I, "y": I}, required=[]),
-    "nested_object": obj({"user": obj({"id": I, "tags": {"type": "array", "items": S, "maxItems": 2}}), "active": {"type": "boolean"}}),
-    "deep_nesting": obj({"a": obj({"b": obj({"c": obj({"d": I})})})}),
-    "array_of_objects": {"type": "array", "items": obj({"k": S, "v": I}), "minItems": 1, "maxItems": 3},
-    "nullable_type_list": obj({"note": {"type": ["string", "null"], "maxLength": 10}, "n": {"type": ["integer", "null"]}}),
-    "nullable_anyof": obj({"maybe": {"anyOf": [I, {"type": "null"}]}}),
-    "anyof_types": {"anyOf": [I, S, {"type": "boolean"}]},
-    "anyof_objects": {"anyOf": [obj({"cat": S}), obj({"dog": I})]},
+    "prefix_items": {
+        "type": "array",
+        "prefixItems": [{"type": "string", "maxLength": 5}, {"type": "integer"}],
+        "items": False,
+    },
+    "flat_object": obj({"name": S, "age": INT, "ok": {"type": "boolean"}}),
+    "optional_fields": obj({"a": S, "b": INT, "c": {"type": "boolean"}}, required=["a"]),
+    "no_required": obj({"x": INT, "y": INT}, required=[]),
+    "nested_object": obj(
+        {"user": obj({"id": INT, "tags": {"type": "array", "items": S, "maxItems": 2}}), "active": {"type": "boolean"}}
+    ),
+    "deep_nesting": obj({"a": obj({"b": obj({"c": obj({"d": INT})})})}),
+    "array_of_objects": {"type": "array", "items": obj({"k": S, "v": INT}), "minItems": 1, "maxItems": 3},
+    "nullable_type_list": obj(
+        {"note": {"type": ["string", "null"], "maxLength": 10}, "n": {"type": ["integer", "null"]}}
+    ),
+    "nullable_anyof": obj({"maybe": {"anyOf": [INT, {"type": "null"}]}}),
+    "anyof_types": {"anyOf": [INT, S, {"type": "boolean"}]},
+    "anyof_objects": {"anyOf": [obj({"cat": S}), obj({"dog": INT})]},
     "oneof_tagged": {
         "oneOf": [
-            obj({"kind": {"const": "circle"}, "r": I}),
-            obj({"kind": {"const": "square"}, "side": I}),
+            obj({"kind": {"const": "circle"}, "r": INT}),
+            obj({"kind": {"const": "square"}, "side": INT}),
         ]
     },
     "oneof_types": {"oneOf": [{"type": "string", "maxLength": 5}, {"type": "boolean"}]},
-    "allof_merge": {"allOf": [obj({"a": I}, extra=True), obj({"b": S}, extra=True)]},
-    "ref_defs": {"$defs": {"point": obj({"x": I, "y": I})}, **obj({"start": {"$ref": "#/$defs/point"}, "end": {"$ref": "#/$defs/point"}})},
-    "ref_definitions": {"definitions": {"tag": S}, "type": "array", "items": {"$ref": "#/definitions/tag"}, "maxItems": 3},
+    "allof_merge": {"allOf": [obj({"a": INT}, extra=True), obj({"b": S}, extra=True)]},
+    "ref_defs": {
+        "$defs": {"point": obj({"x": INT, "y": INT})},
+        **obj({"start": {"$ref": "#/$defs/point"}, "end": {"$ref": "#/$defs/point"}}),
+    },
+    "ref_definitions": {
+        "definitions": {"tag": S},
+        "type": "array",
+        "items": {"$ref": "#/definitions/tag"},
+        "maxItems": 3,
+    },
     "recursive_tree": {
-        "$defs": {"node": obj({"v": I, "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}}, required=["v"])},
+        "$defs": {
+            "node": obj(
+                {"v": INT, "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}}, required=["v"]
+            )
+        },
         "$ref": "#/$defs/node",
     },
     "recursive_list": {
-        "$defs": {"cell": obj({"head": {"type": "integer"}, "tail": {"anyOf": [{"$ref": "#/$defs/cell"}, {"type": "null"}]}})},
+        "$defs": {
+            "cell": obj({"head": {"type": "integer"}, "tail": {"anyOf": [{"$ref": "#/$defs/cell"}, {"type": "null"}]}})
+        },
         "$ref": "#/$defs/cell",
     },
-    "additional_properties_schema": {"type": "object", "additionalProperties": I, "maxProperties": 3},
-    "min_max_properties": {"type": "object", "additionalProperties": {"type": "boolean"}, "minProperties": 1, "maxProperties": 2},
-    "pattern_properties": {"type": "object", "patternProperties": {"^n_[a-z]{1,4}$": I}, "additionalProperties": False, "maxProperties": 2},
+    "additional_properties_schema": {"type": "object", "additionalProperties": INT, "maxProperties": 3},
+    "min_max_properties": {
+        "type": "object",
+        "additionalProperties": {"type": "boolean"},
+        "minProperties": 1,
+        "maxProperties": 2,
+    },
+    "pattern_properties": {
+        "type": "object",
+        "patternProperties": {"^n_[a-z]{1,4}$": INT},
+        "additionalProperties": False,
+        "maxProperties": 2,
+    },
     "enum_in_object": obj({"size": {"enum": ["s", "m", "l"]}, "qty": {"type": "integer", "minimum": 1, "maximum": 9}}),
     "const_in_object": obj({"version": {"const": 2}, "data": S}),
     "array_of_enums": {"type": "array", "items": {"enum": ["x", "y", "z"]}, "minItems": 1, "maxItems": 5},
-    "matrix": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2}, "minItems": 2, "maxItems": 2},
-    "image_analysis_like": obj({"description": {"type": "string", "maxLength": 40}, "tags": {"type": "array", "items": S, "maxItems": 4}}),
+    "matrix": {
+        "type": "array",
+        "items": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2},
+        "minItems": 2,
+        "maxItems": 2,
+    },
+    "image_analysis_like": obj(
+        {"description": {"type": "string", "maxLength": 40}, "tags": {"type": "array", "items": S, "maxItems": 4}}
+    ),
     "unicode_const": {"const": "café ☕ 日本"},
-    "number_or_string_bounds": obj({"score": {"type": "number", "minimum": 0, "maximum": 10}, "label": {"type": "string", "minLength": 1, "maxLength": 4}}),
-    "invoice": obj({
-        "id": {"type": "string", "pattern": "^INV-[0-9]{4}$"},
-        "lines": {"type": "array", "items": obj({"sku": {"type": "string", "pattern": "^[A-Z]{3}$"}, "n": {"type": "integer", "minimum": 1, "maximum": 99}}), "minItems": 1, "maxItems": 2},
-        "paid": {"type": "boolean"},
-        "due": {"type": "string", "format": "date"},
-    }),
-    "title_and_description_annotations": {"title": "T", "description": "annotations only", **obj({"q": I})},
+    "number_or_string_bounds": obj(
+        {
+            "score": {"type": "number", "minimum": 0, "maximum": 10},
+            "label": {"type": "string", "minLength": 1, "maxLength": 4},
+        }
+    ),
+    "invoice": obj(
+        {
+            "id": {"type": "string", "pattern": "^INV-[0-9]{4}$"},
+            "lines": {
+                "type": "array",
+                "items": obj(
+                    {
+                        "sku": {"type": "string", "pattern": "^[A-Z]{3}$"},
+                        "n": {"type": "integer", "minimum": 1, "maximum": 99},
+                    }
+                ),
+                "minItems": 1,
+                "maxItems": 2,
+            },
+            "paid": {"type": "boolean"},
+            "due": {"type": "string", "format": "date"},
+        }
+    ),
+    "title_and_description_annotations": {"title": "T", "description": "annotations only", **obj({"q": INT})},
 }
 
 REGEXES: list[str] = [
@@ -117,7 +173,7 @@ REGEXES: list[str] = [
 ]
 
 LARK: dict[str, str] = {
-    "digits": 'start: DIGIT+\nDIGIT: /[0-9]/',
+    "digits": "start: DIGIT+\nDIGIT: /[0-9]/",
     "greeting": 'start: "hello" " " name\nname: /[a-z]{2,6}/',
     "sum": 'start: num (" + " num)*\nnum: /[0-9]{1,3}/',
     "csv_row": 'start: field ("," field)*\nfield: /[a-z]{1,5}/',

@@ -7,11 +7,10 @@ import io
 import struct
 import zlib
 
+import lfm
 import numpy as np
 import pytest
 from conftest import IMAGES, MODELS
-
-import lfm
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,9 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize(("w", "h", "field"), [(100_000, 10, "width"), (20, 16_385, "height"), (16_000, 16_000, "decoded size in bytes")])
+@pytest.mark.parametrize(
+    ("w", "h", "field"), [(100_000, 10, "width"), (20, 16_385, "height"), (16_000, 16_000, "decoded size in bytes")]
+)
 def test_decompression_bombs_are_refused_from_the_header(engine: lfm.Engine, w: int, h: int, field: str) -> None:
     with pytest.raises(lfm.ImageError) as info:
         engine.generate("Describe.", [png_header(w, h)])

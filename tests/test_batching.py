@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import lfm
 import pytest
 from conftest import MODELS, grad
-
-import lfm
 
 MODELS_UNDER_TEST = ["tiny16-gqa", "tiny16", "tiny6"]
 
@@ -18,14 +17,26 @@ MODELS_UNDER_TEST = ["tiny16-gqa", "tiny16", "tiny6"]
 def requests() -> list[tuple[Any, list[Any], lfm.RequestOptions, lfm.Grammar | None]]:
     greedy = lfm.RequestOptions(max_new_tokens=24, repetition_penalty=1.0)
     sampled = lfm.RequestOptions(max_new_tokens=24, temperature=0.8, top_p=0.9, seed=11)
-    json_g = lfm.Grammar.json_schema({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}}, "required": ["n"], "additionalProperties": False})
+    json_g = lfm.Grammar.json_schema(
+        {
+            "type": "object",
+            "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}},
+            "required": ["n"],
+            "additionalProperties": False,
+        }
+    )
     return [
         ("Hi", [], greedy, None),
         ("Describe this image.", [grad(300, 400)], greedy, None),
         ("A much longer text prompt, so that the rows have quite different lengths in the batch.", [], sampled, None),
         ("Describe both.", [grad(256, 256), grad(640, 480)], greedy, None),
         ("Count.", [], lfm.RequestOptions(max_new_tokens=30, repetition_penalty=1.05), json_g),
-        ("Pick.", [grad(64, 1000)], lfm.RequestOptions(max_new_tokens=12, temperature=1.0, seed=3), lfm.Grammar.regex("(yes|no)[0-9]{1,3}")),
+        (
+            "Pick.",
+            [grad(64, 1000)],
+            lfm.RequestOptions(max_new_tokens=12, temperature=1.0, seed=3),
+            lfm.Grammar.regex("(yes|no)[0-9]{1,3}"),
+        ),
         ("Go", [], lfm.RequestOptions(max_new_tokens=5, repetition_penalty=1.0), None),
     ]
 
@@ -61,5 +72,7 @@ def test_generate_batch_batches_on_gqa() -> None:
     msgs = [f"Prompt number {i} " + "x " * i for i in range(10)]
     out = e.generate_batch(msgs, options=lfm.RequestOptions(max_new_tokens=16, repetition_penalty=1.0))
     ref = lfm.Engine.from_dir(MODELS / "tiny16-gqa", lfm.EngineOptions(intra_threads=1, batching="off"))
-    assert [g.token_ids for g in out] == [ref.generate(m, options=lfm.RequestOptions(max_new_tokens=16, repetition_penalty=1.0)).token_ids for m in msgs]  # type: ignore[union-attr]
+    assert [g.token_ids for g in out] == [
+        ref.generate(m, options=lfm.RequestOptions(max_new_tokens=16, repetition_penalty=1.0)).token_ids for m in msgs
+    ]  # type: ignore[union-attr]
     assert e.stats["max_batch"] == 4

@@ -9,17 +9,27 @@ import json
 import pathlib
 import shutil
 
+import lfm
 import pytest
 from conftest import MODELS, golden
-from tokenizers import Tokenizer
-
-import lfm
 from lfm import _lfm
 from lfm.bundled import bundled_file
+from tokenizers import Tokenizer
 
-SPECIAL = {"<|pad|>": 0, "<|startoftext|>": 1, "<|im_start|>": 6, "<|im_end|>": 7, "<|tool_call_start|>": 10,
-           "<|tool_call_end|>": 11, "<image>": 396, "<|img_row_1_col_1|>": 397, "<|img_row_10_col_10|>": 496,
-           "<|img_thumbnail|>": 497, "<|image_start|>": 498, "<|image_end|>": 499}
+SPECIAL = {
+    "<|pad|>": 0,
+    "<|startoftext|>": 1,
+    "<|im_start|>": 6,
+    "<|im_end|>": 7,
+    "<|tool_call_start|>": 10,
+    "<|tool_call_end|>": 11,
+    "<image>": 396,
+    "<|img_row_1_col_1|>": 397,
+    "<|img_row_10_col_10|>": 496,
+    "<|img_thumbnail|>": 497,
+    "<|image_start|>": 498,
+    "<|image_end|>": 499,
+}
 
 
 def test_provenance() -> None:
@@ -38,7 +48,11 @@ def test_prompt_ids_equal_python_tokenizers() -> None:
     for case in golden("chat_template.json")["cases"]:
         text = lfm.chat.apply_chat_template(case["messages"], case["add_generation_prompt"], case["tools"])
         assert _lfm.tokenize(text) == reference.encode(text, add_special_tokens=False).ids, case["name"]
-    for text in ["Describe this image.", "  spaces\tand\nnewlines 123456 ünïcödé 日本語 🙂", "<|im_start|>user\nHi<|im_end|>"]:
+    for text in [
+        "Describe this image.",
+        "  spaces\tand\nnewlines 123456 ünïcödé 日本語 🙂",
+        "<|im_start|>user\nHi<|im_end|>",
+    ]:
         assert _lfm.tokenize(text) == reference.encode(text, add_special_tokens=False).ids
 
 
@@ -67,7 +81,9 @@ def test_strict_from_dir_explains_a_different_tokenizer(tmp_path: pathlib.Path) 
 def test_strict_from_dir_explains_a_different_template(tmp_path: pathlib.Path) -> None:
     d = real_looking(tmp_path)
     (d / "tokenizer.json").write_bytes(bundled_file("tokenizer.json"))
-    (d / "chat_template.jinja").write_text((d / "chat_template.jinja").read_text().replace("<|im_start|>assistant", "<|im_start|>bot"))
+    (d / "chat_template.jinja").write_text(
+        (d / "chat_template.jinja").read_text().replace("<|im_start|>assistant", "<|im_start|>bot")
+    )
     with pytest.raises(lfm.ModelLoadError, match="chat template differs"):
         lfm.Engine.from_dir(d)
 

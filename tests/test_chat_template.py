@@ -7,12 +7,12 @@ import copy
 import datetime
 import pathlib
 import re
-from typing import Any, Callable
-
-import pytest
+from collections.abc import Callable
+from typing import Any
 
 import lfm
 import lfm.chat
+import pytest
 from conftest import MODELS, golden
 
 CT = golden("chat_template.json")
@@ -24,7 +24,7 @@ ENGINE_CASES = {"user_image_then_text", "multi_turn", "tools", "assistant_tool_c
 
 
 def _today() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime(CT["date_format"])
+    return datetime.datetime.now(datetime.UTC).strftime(CT["date_format"])
 
 
 def _render_and_check(case: dict[str, Any], render: Callable[[], str]) -> str:
@@ -40,7 +40,7 @@ def _render_and_check(case: dict[str, Any], render: Callable[[], str]) -> str:
 
 def _undated(text: str) -> str:
     """``text`` with the UTC date (of either side of a possible midnight) blanked."""
-    for d in {_today(), (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1)).strftime(CT["date_format"])}:
+    for d in {_today(), (datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)).strftime(CT["date_format"])}:
         text = text.replace(d, CT["date_placeholder"])
     return text
 

@@ -44,7 +44,13 @@ def test_caption_folder_to_jsonl(folder: pathlib.Path, tmp_path: pathlib.Path) -
     r = run("caption", str(folder), "--model", MODEL, "--out", str(out), "--max-new-tokens", "4", "--batch-size", "2")
     assert r.returncode == 0, r.stderr
     recs = lines(out)
-    assert [pathlib.Path(x["path"]).name for x in recs] == ["broken.png", "exif_6.jpg", "grad_120x80.jpg", "grad_64x48.png", "z.webp"]
+    assert [pathlib.Path(x["path"]).name for x in recs] == [
+        "broken.png",
+        "exif_6.jpg",
+        "grad_120x80.jpg",
+        "grad_64x48.png",
+        "z.webp",
+    ]
     assert "error" in recs[0] and recs[0]["error"]["type"] == "ImageError"
     assert all(isinstance(x["output"], str) and x["finish_reason"] == "length" for x in recs[1:])
     assert "images/s" in r.stderr  # the progress bar
@@ -54,7 +60,18 @@ def test_resume_skips_done_images(folder: pathlib.Path, tmp_path: pathlib.Path) 
     out = tmp_path / "out.jsonl"
     first = folder / "grad_64x48.png"
     assert run("caption", str(first), "--model", MODEL, "--out", str(out), "--max-new-tokens", "2").returncode == 0
-    r = run("caption", str(folder), "--model", MODEL, "--out", str(out), "--max-new-tokens", "2", "--resume", "--no-progress")
+    r = run(
+        "caption",
+        str(folder),
+        "--model",
+        MODEL,
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "2",
+        "--resume",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     paths = [x["path"] for x in lines(out)]
     assert len(paths) == 5 and len(set(paths)) == 5 and paths[0] == str(first)
@@ -66,7 +83,16 @@ def test_constrained_tasks(folder: pathlib.Path, tmp_path: pathlib.Path) -> None
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["output"] in ("cat", "dog")
     schema = tmp_path / "s.json"
-    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"], "additionalProperties": False}))
+    schema.write_text(
+        json.dumps(
+            {
+                "type": "object",
+                "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+                "required": ["n"],
+                "additionalProperties": False,
+            }
+        )
+    )
     r = run("caption", img, "--model", MODEL, "--schema", str(schema), "--no-progress")
     assert json.loads(r.stdout)["output"]["n"] in range(10)
     r = run("caption", img, "--model", MODEL, "--task", "image-analysis", "--no-progress", "--max-new-tokens", "400")
@@ -94,7 +120,24 @@ def test_ctrl_c_leaves_a_valid_file(tmp_path: pathlib.Path) -> None:
     for i in range(60):
         shutil.copy(IMAGES / "grad_120x80.jpg", d / f"{i:03d}.jpg")
     out = tmp_path / "out.jsonl"
-    p = subprocess.Popen([LFM, "caption", str(d), "--model", MODEL, "--out", str(out), "--batch-size", "2", "--max-new-tokens", "200", "--no-progress"], stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            LFM,
+            "caption",
+            str(d),
+            "--model",
+            MODEL,
+            "--out",
+            str(out),
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "200",
+            "--no-progress",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not out.exists() or out.stat().st_size == 0):
         time.sleep(0.05)
@@ -103,5 +146,10 @@ def test_ctrl_c_leaves_a_valid_file(tmp_path: pathlib.Path) -> None:
     assert p.returncode == 130, err
     recs = lines(out)  # every line is complete JSON
     assert 0 < len(recs) < 60
-    assert run("caption", str(d), "--model", MODEL, "--out", str(out), "--max-new-tokens", "2", "--resume", "--no-progress").returncode == 0
+    assert (
+        run(
+            "caption", str(d), "--model", MODEL, "--out", str(out), "--max-new-tokens", "2", "--resume", "--no-progress"
+        ).returncode
+        == 0
+    )
     assert len(lines(out)) == 60

@@ -5,14 +5,14 @@ from __future__ import annotations
 import hashlib
 import io
 import pathlib
-from typing import Any, Callable
-
-import numpy as np
-import pytest
+from collections.abc import Callable
+from typing import Any
 
 import lfm
 import lfm.preproc
-from conftest import IMAGES, grad, golden
+import numpy as np
+import pytest
+from conftest import IMAGES, golden, grad
 
 DEC = golden("decode.json")
 FILES = DEC["files"]

@@ -7,11 +7,10 @@ import os
 import shutil
 from pathlib import Path
 
+import lfm
 import numpy as np
 import pytest
 from conftest import MODELS
-
-import lfm
 
 
 def test_hierarchy() -> None:
@@ -48,7 +47,10 @@ def test_missing_folder_is_file_not_found(tmp_path: Path) -> None:
     [
         (lambda d: (d / "onnx" / "decoder_model_merged.onnx").unlink(), "decoder_model_merged.onnx"),
         (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json"),
-        (lambda d: (d / "onnx" / "decoder_model_merged.onnx").write_bytes(b"\x08\x01garbage"), "decoder_model_merged.onnx"),
+        (
+            lambda d: (d / "onnx" / "decoder_model_merged.onnx").write_bytes(b"\x08\x01garbage"),
+            "decoder_model_merged.onnx",
+        ),
         (
             lambda d: shutil.copy(d / "onnx" / "embed_tokens.onnx", d / "onnx" / "decoder_model_merged.onnx"),
             "decoder_model_merged.onnx",

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pathlib
 
-import pytest
-
 import lfm
+import pytest
 from lfm.image_analysis import EXTENSIONS
 
 FUZZ = pathlib.Path(__file__).resolve().parents[1] / "fuzz"

@@ -9,12 +9,10 @@ import io
 from functools import cache
 from typing import Any
 
+import lfm
 import numpy as np
 import pytest
 from conftest import MODELS, golden, grad
-
-import lfm
-
 
 # tiny16-gqa has tiny16's weights with the official export's attention operator
 # (GroupQueryAttention fed from the mask), so tiny16's goldens apply to it.
@@ -57,7 +55,9 @@ def test_first_logits(model: str, case: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(("model", "case"), cases())
-@pytest.mark.parametrize(("penalty", "key"), [(1.0, "new_ids"), (1.05, "new_ids_rep_penalty_1_05"), (1.5, "new_ids_rep_penalty_1_5")])
+@pytest.mark.parametrize(
+    ("penalty", "key"), [(1.0, "new_ids"), (1.05, "new_ids_rep_penalty_1_05"), (1.5, "new_ids_rep_penalty_1_5")]
+)
 def test_greedy_ids(model: str, case: dict[str, Any], penalty: float, key: str) -> None:
     opts = lfm.RequestOptions(max_new_tokens=24, repetition_penalty=penalty)
     gen = engine(model, case["budget"]).generate(case["messages"], images_of(case), opts)
@@ -112,11 +112,15 @@ def test_greedy_is_deterministic_and_text_decodes_ids() -> None:
 def test_stop_string_ends_generation_without_it() -> None:
     e = engine("tiny16", "default")
     full = e.generate("Say something.", options=lfm.RequestOptions(max_new_tokens=24, repetition_penalty=1.0))
-    letters = [i for i in range(1, len(full.text)) if full.text[i - 1 : i + 1].isalpha() and full.text[i - 1 : i + 1].isascii()]
+    letters = [
+        i for i in range(1, len(full.text)) if full.text[i - 1 : i + 1].isalpha() and full.text[i - 1 : i + 1].isascii()
+    ]
     if not letters:
         pytest.skip("the random model wrote no two ASCII letters in a row")
     stop = full.text[letters[0] - 1 : letters[0] + 1]
-    gen = e.generate("Say something.", options=lfm.RequestOptions(max_new_tokens=24, repetition_penalty=1.0, stop=(stop,)))
+    gen = e.generate(
+        "Say something.", options=lfm.RequestOptions(max_new_tokens=24, repetition_penalty=1.0, stop=(stop,))
+    )
     assert gen.finish_reason == "stop"
     assert gen.text == full.text[: full.text.find(stop)]
     assert stop not in gen.text

@@ -12,11 +12,10 @@ from typing import Any
 
 import jsonschema
 import lark
+import lfm
 import pytest
 from conftest import MODELS
 from grammar_cases import JSON_SCHEMAS, LARK, REGEXES
-
-import lfm
 
 SEEDS = (0, 1, 2, 3)
 # Object keys are free strings here, so a noise model may not finish within the budget;
@@ -31,7 +30,9 @@ def engine() -> lfm.Engine:
 
 
 def sample(engine: lfm.Engine, grammar: lfm.Grammar, seed: int, max_new_tokens: int = 160) -> lfm.Generation:
-    opts = lfm.RequestOptions(max_new_tokens=max_new_tokens, temperature=1.0, top_k=64, seed=seed, repetition_penalty=1.0)
+    opts = lfm.RequestOptions(
+        max_new_tokens=max_new_tokens, temperature=1.0, top_k=64, seed=seed, repetition_penalty=1.0
+    )
     gen = engine.generate("Answer.", options=opts, grammar=grammar)
     assert gen.finish_reason in ("grammar", "length"), gen
     return gen

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 
+import lfm
 import numpy as np
 import pytest
 from conftest import MODELS
-
-import lfm
 from lfm.image_analysis import EXTENSIONS, ROSTER
 
 ALL = lfm.ImageAnalysisTask(extensions=EXTENSIONS)
@@ -46,7 +45,9 @@ def test_all_extensions_schema_in_roster_order() -> None:
 
 
 def test_caps_and_options() -> None:
-    t = lfm.ImageAnalysisTask(extensions=["objects"], description_max_chars=40, tags_max_items=3, max_items={"objects": 2})
+    t = lfm.ImageAnalysisTask(
+        extensions=["objects"], description_max_chars=40, tags_max_items=3, max_items={"objects": 2}
+    )
     s = t.schema()["properties"]
     assert s["description"]["maxLength"] == 40 and s["tags"]["maxItems"] == 3 and s["objects"]["maxItems"] == 2
     with pytest.raises(lfm.InvalidOptionsError, match='unknown image-analysis extension "Scene"'):
@@ -69,11 +70,20 @@ def test_prompt_rules() -> None:
 
 
 def test_parse_settles_fields() -> None:
-    text = json.dumps({
-        "scene": " kitchen ", "description": " A cat sleeps. ", "subjects": ["cat", " cat", ""],
-        "objects": ["a", "b", "c", "d", "e", "f", "g", "h", "i"], "actions": [], "emotion": ["calm"],
-        "shot_type": " close-up", "lighting": [], "tags": ["cat", "Cat", "cat"], "categories": ["animals"],
-    })
+    text = json.dumps(
+        {
+            "scene": " kitchen ",
+            "description": " A cat sleeps. ",
+            "subjects": ["cat", " cat", ""],
+            "objects": ["a", "b", "c", "d", "e", "f", "g", "h", "i"],
+            "actions": [],
+            "emotion": ["calm"],
+            "shot_type": " close-up",
+            "lighting": [],
+            "tags": ["cat", "Cat", "cat"],
+            "categories": ["animals"],
+        }
+    )
     out = ALL.parse(text)
     assert out.scene == "kitchen" and out.description == "A cat sleeps." and out.shot_type == "close-up"
     assert out.subjects == ("cat",) and out.subjects_end == "whole"
@@ -157,12 +167,21 @@ def test_cuts_elsewhere_are_json_errors(text: str) -> None:
 def test_description_accounts() -> None:
     t = lfm.ImageAnalysisTask(description_max_chars=10)
     text = '{"description": "abcdefghij", "tags": ["x"]}'
-    assert t.parse_ended(text, {"description": lfm.FieldEnd(text="abcdefghij", closed_by="grammar")}).description_end == "ragged"
-    assert t.parse_ended(text, {"description": lfm.FieldEnd(text="abcdefghij", closed_by="model")}).description_end == "ragged"
+    assert (
+        t.parse_ended(text, {"description": lfm.FieldEnd(text="abcdefghij", closed_by="grammar")}).description_end
+        == "ragged"
+    )
+    assert (
+        t.parse_ended(text, {"description": lfm.FieldEnd(text="abcdefghij", closed_by="model")}).description_end
+        == "ragged"
+    )
     short = '{"description": "abc ", "tags": ["x"]}'
     out = t.parse_ended(short, {"description": lfm.FieldEnd(text="abc ", closed_by="model")})
     assert out.description == "abc" and out.description_end == "whole"
-    assert t.parse_ended(short, {"description": lfm.FieldEnd(text="other", closed_by="model")}).description_end == "unknown"
+    assert (
+        t.parse_ended(short, {"description": lfm.FieldEnd(text="other", closed_by="model")}).description_end
+        == "unknown"
+    )
     assert t.parse_ended(short, {}).description_end == "unknown"
 
 
@@ -182,6 +201,8 @@ def test_run_on_tiny_model() -> None:
         assert isinstance(out, lfm.ImageAnalysis)
         assert len(out.description) <= 30
         assert out.description_end in ("whole", "ragged")
-        assert (out.description_end == "ragged") == (len(out.description) == 30 or out.description != out.description.strip())
+        assert (out.description_end == "ragged") == (
+            len(out.description) == 30 or out.description != out.description.strip()
+        )
         outcomes.append("ok")
     assert "ok" in outcomes, outcomes

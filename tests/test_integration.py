@@ -6,10 +6,9 @@ from __future__ import annotations
 import os
 import pathlib
 
+import lfm
 import pytest
 from conftest import IMAGES, golden, grad
-
-import lfm
 
 pytestmark = pytest.mark.integration
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pathlib
 import shutil
 
+import lfm
 import pytest
 from conftest import MODELS
-
-import lfm
 from lfm.loaders import variant_files
 
 pytest.importorskip("huggingface_hub")
@@ -33,7 +32,10 @@ def test_from_pretrained_offline(tmp_path: pathlib.Path, monkeypatch: pytest.Mon
     e = lfm.Engine.from_pretrained("LiquidAI/tiny-test", cache_dir=cache)
     assert e.spec["hidden"] == 64
     ref = lfm.Engine.from_dir(MODELS / "tiny16")
-    assert e.generate("hi", options={"max_new_tokens": 3}).token_ids == ref.generate("hi", options={"max_new_tokens": 3}).token_ids
+    assert (
+        e.generate("hi", options={"max_new_tokens": 3}).token_ids
+        == ref.generate("hi", options={"max_new_tokens": 3}).token_ids
+    )
 
 
 def test_missing_repo_offline_is_a_model_load_error(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
-
 import lfm
+import pytest
 
 
 def test_defaults() -> None:

@@ -10,12 +10,11 @@ import sys
 import textwrap
 from typing import Any
 
-import numpy as np
-import pytest
-
 import lfm
 import lfm.preproc
-from conftest import grad, golden
+import numpy as np
+import pytest
+from conftest import golden, grad
 
 PRE = golden("preprocess.json")
 BUDGETS = {name: lfm.ImageBudget(**b) for name, b in PRE["budgets"].items()}

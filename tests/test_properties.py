@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import lfm
 import numpy as np
 import pytest
 from conftest import MODELS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import lfm
 
 ENGINE = lfm.Engine.from_dir(MODELS / "tiny6", lfm.EngineOptions(intra_threads=1))
 ALLOWED = (lfm.LfmError, TypeError, ValueError, FileNotFoundError)

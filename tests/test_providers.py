@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import lfm
 import pytest
 from conftest import MODELS
-
-import lfm
 
 
 def test_unavailable_provider_falls_back_to_cpu_with_a_warning() -> None:

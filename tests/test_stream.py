@@ -3,10 +3,9 @@ to generate(...).text, and work with grammars and stop strings."""
 
 from __future__ import annotations
 
+import lfm
 import pytest
 from conftest import MODELS
-
-import lfm
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,14 @@ def test_pieces_join_to_the_generated_text(engine: lfm.Engine, seed: int) -> Non
 
 
 def test_stream_with_grammar(engine: lfm.Engine) -> None:
-    g = lfm.Grammar.json_schema({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["n"], "additionalProperties": False})
+    g = lfm.Grammar.json_schema(
+        {
+            "type": "object",
+            "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+            "required": ["n"],
+            "additionalProperties": False,
+        }
+    )
     stream = engine.stream("n?", options={"max_new_tokens": 30}, grammar=g)
     text = "".join(stream)
     assert stream.generation is not None and stream.generation.finish_reason == "grammar"
@@ -36,7 +42,9 @@ def test_stream_with_grammar(engine: lfm.Engine) -> None:
 
 def test_stream_with_stop_string(engine: lfm.Engine) -> None:
     full = engine.generate("Go.", options=lfm.RequestOptions(max_new_tokens=30, repetition_penalty=1.0))
-    letters = [i for i in range(1, len(full.text)) if full.text[i - 1 : i + 1].isascii() and full.text[i - 1 : i + 1].isalpha()]
+    letters = [
+        i for i in range(1, len(full.text)) if full.text[i - 1 : i + 1].isascii() and full.text[i - 1 : i + 1].isalpha()
+    ]
     if not letters:
         pytest.skip("no ASCII letter pair in the output")
     stop = full.text[letters[0] - 1 : letters[0] + 1]

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import lfm
 import pydantic
 import pytest
 from conftest import MODELS
-
-import lfm
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +71,12 @@ def test_json_task_returns_a_validated_model(engine: lfm.Engine) -> None:
 
 
 def test_json_task_with_dict_schema(engine: lfm.Engine) -> None:
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
     out = engine.run(lfm.JsonTask(schema, "ok?"), options={"max_new_tokens": 40})
     assert isinstance(out, dict) and set(out) == {"ok"}
 
@@ -107,15 +111,26 @@ def test_run_builds_images_then_prompt(engine: lfm.Engine) -> None:
 
     img = np.zeros((32, 32, 3), np.uint8)
     ids = engine.encode_prompt(Echo().prompt(), [img])
-    want = engine.encode_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Say a colour."}]}], [img])
+    want = engine.encode_prompt(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Say a colour."}]}], [img]
+    )
     assert ids == want
 
 
 def test_field_ends_reported(engine: lfm.Engine) -> None:
-    schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 3}}, "required": ["s"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"s": {"type": "string", "maxLength": 3}},
+        "required": ["s"],
+        "additionalProperties": False,
+    }
     seen = set()
     for seed in range(8):
-        gen = engine.generate("x", options=lfm.RequestOptions(max_new_tokens=30, temperature=1.0, seed=seed), grammar=lfm.Grammar.json_schema(schema))
+        gen = engine.generate(
+            "x",
+            options=lfm.RequestOptions(max_new_tokens=30, temperature=1.0, seed=seed),
+            grammar=lfm.Grammar.json_schema(schema),
+        )
         if gen.finish_reason != "grammar":
             continue
         end = gen.field_ends["s"]
@@ -133,7 +148,9 @@ def test_seed_reproduces_across_engine_instances() -> None:
     b = lfm.Engine.from_dir(MODELS / "tiny16")
     opts = lfm.RequestOptions(max_new_tokens=20, temperature=1.0, top_p=0.9, min_p=0.05, seed=1234)
     assert a.generate("hi", options=opts).token_ids == b.generate("hi", options=opts).token_ids
-    other = a.generate("hi", options=lfm.RequestOptions(max_new_tokens=20, temperature=1.0, top_p=0.9, min_p=0.05, seed=99))
+    other = a.generate(
+        "hi", options=lfm.RequestOptions(max_new_tokens=20, temperature=1.0, top_p=0.9, min_p=0.05, seed=99)
+    )
     assert other.token_ids != a.generate("hi", options=opts).token_ids
     # Without a seed, sampled requests differ from one call to the next.
     free = lfm.RequestOptions(max_new_tokens=20, temperature=1.0)

@@ -9,13 +9,21 @@ import threading
 import time
 from typing import Any
 
+import lfm
 import numpy as np
 import pytest
 from conftest import MODELS
 
-import lfm
-
-PROMPTS = ["Tell a story.", "What is this?", "Hi", "List three colours please.", "Why?", "Describe the sea.", "Ok", "Count."]
+PROMPTS = [
+    "Tell a story.",
+    "What is this?",
+    "Hi",
+    "List three colours please.",
+    "Why?",
+    "Describe the sea.",
+    "Ok",
+    "Count.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +107,15 @@ def test_generate_batch_with_images(engine: lfm.Engine) -> None:
 
 
 def test_run_batch(engine: lfm.Engine) -> None:
-    task = lfm.JsonTask({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"], "additionalProperties": False}, "n?")
+    task = lfm.JsonTask(
+        {
+            "type": "object",
+            "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+            "required": ["n"],
+            "additionalProperties": False,
+        },
+        "n?",
+    )
     items: list[Any] = [np.zeros((32, 32, 3), np.uint8), [np.zeros((32, 32, 3), np.uint8)] * 2, b"not an image"]
     out = engine.run_batch(task, items, options={"max_new_tokens": 20})
     assert isinstance(out[0], dict) and isinstance(out[1], dict) and isinstance(out[2], lfm.ImageError)

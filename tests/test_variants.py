@@ -55,11 +55,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import lfm
 import numpy as np
 import pytest
 from conftest import MODELS, grad
-
-import lfm
 
 onnx = pytest.importorskip("onnx", reason="building the variant files needs onnx (pip install -e .[test])")
 ort = pytest.importorskip("onnxruntime")
@@ -235,12 +234,16 @@ def test_logits_close_to_fp32(engine: Any, name: str, variant: Any) -> None:
 # lfm's I/O conversion and cache hand-over, exactly: same file through lfm and through ORT
 
 
-@pytest.mark.parametrize(("variant", "embed", "decoder"), [
-    ("fp32", "embed_tokens", "decoder_model_merged"),
-    ("fp16", "embed_tokens_fp16", "decoder_model_merged_fp16"),
-    ("q8", "embed_tokens", "decoder_model_merged_q8"),
-    ({"embed_tokens": "fp16", "decoder_model_merged": "q8"}, "embed_tokens_fp16", "decoder_model_merged_q8"),
-], ids=_vid)
+@pytest.mark.parametrize(
+    ("variant", "embed", "decoder"),
+    [
+        ("fp32", "embed_tokens", "decoder_model_merged"),
+        ("fp16", "embed_tokens_fp16", "decoder_model_merged_fp16"),
+        ("q8", "embed_tokens", "decoder_model_merged_q8"),
+        ({"embed_tokens": "fp16", "decoder_model_merged": "q8"}, "embed_tokens_fp16", "decoder_model_merged_q8"),
+    ],
+    ids=_vid,
+)
 @pytest.mark.parametrize("name", TINY)
 def test_engine_matches_direct_ort(
     engine: Any, variants: Path, name: str, variant: Any, embed: str, decoder: str
@@ -299,11 +302,18 @@ def test_fp16_greedy_follows_fp32(engine: Any, variants: Path, name: str) -> Non
 # (4) missing variant files ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("variant", "needle"), [
-    ("q4", "vision_encoder_q4.onnx"),
-    ({"decoder_model_merged": "q4"}, "decoder_model_merged_q4.onnx"),
-    ({"vision_encoder": "fp32", "embed_tokens": "fp32", "decoder_model_merged": "q4"}, "decoder_model_merged_q4.onnx"),
-], ids=_vid)
+@pytest.mark.parametrize(
+    ("variant", "needle"),
+    [
+        ("q4", "vision_encoder_q4.onnx"),
+        ({"decoder_model_merged": "q4"}, "decoder_model_merged_q4.onnx"),
+        (
+            {"vision_encoder": "fp32", "embed_tokens": "fp32", "decoder_model_merged": "q4"},
+            "decoder_model_merged_q4.onnx",
+        ),
+    ],
+    ids=_vid,
+)
 def test_missing_variant_file_is_a_load_error(variants: Path, variant: Any, needle: str) -> None:
     with pytest.raises(lfm.ModelLoadError) as info:
         lfm.Engine.from_dir(variants / "tiny16", lfm.EngineOptions(variant=variant))

@@ -8,24 +8,24 @@ from __future__ import annotations
 from . import chat, preproc
 from ._lfm import __version__
 from .engine import Engine, TextStream
-from .grammar import Grammar
-from .image_analysis import ImageAnalysis, ImageAnalysisTask
-from .tasks import FieldEnd, JsonTask, Task
 from .errors import (
-    LfmWarning,
     GrammarError,
     ImageError,
     InferenceError,
     InternalError,
     InvalidOptionsError,
     LfmError,
+    LfmWarning,
     ModelLoadError,
     ParseError,
     PromptTooLongError,
     RequestRejectedError,
 )
+from .grammar import Grammar
+from .image_analysis import ImageAnalysis, ImageAnalysisTask
 from .options import EngineOptions, ImageBudget, Limits, RequestOptions
 from .results import Generation, Timings, Usage
+from .tasks import FieldEnd, JsonTask, Task
 
 __all__ = [
     "Engine",

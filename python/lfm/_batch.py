@@ -65,7 +65,7 @@ def collect(
             else:
                 try:
                     out.append(finish(i, Gen._from_core(h.wait())))
-                except Exception as e:  # noqa: BLE001 - a failing item fails alone
+                except Exception as e:
                     out.append(e)
             if report:
                 report(i + 1, len(handles))

@@ -9,14 +9,14 @@ channels and alpha is dropped (not composited), as transformers does.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
     import PIL.Image
 
-    ImageLike = Union[str, os.PathLike[str], bytes, np.ndarray, PIL.Image.Image]
+    ImageLike = str | os.PathLike[str] | bytes | np.ndarray | PIL.Image.Image
 else:
     ImageLike = Any
 

@@ -11,14 +11,14 @@ import numpy.typing as npt
 
 __version__: str
 
-GridTuple = tuple[int, int, tuple[int, int], tuple[int, int] | None]
-ImageArg = str | bytes | npt.NDArray[np.uint8]
+_GridTuple = tuple[int, int, tuple[int, int], tuple[int, int] | None]
+_ImageArg = str | bytes | npt.NDArray[np.uint8]
 
 def validate_options(kind: str, json: str) -> str:
     """Validates options given as JSON (`kind`: request, engine, image_budget, limits);
     returns them normalised with defaults filled in."""
 
-def plan(width: int, height: int, budget_json: str) -> GridTuple:
+def plan(width: int, height: int, budget_json: str) -> _GridTuple:
     """The tile plan `(rows, cols, (tile_h, tile_w), thumbnail)` of a `width x height` image."""
 
 def grid_info(rows: int, cols: int, tile: tuple[int, int], thumbnail: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -27,12 +27,12 @@ def grid_info(rows: int, cols: int, tile: tuple[int, int], thumbnail: tuple[int,
 def placeholder_text(rows: int, cols: int, tile: tuple[int, int], thumbnail: tuple[int, int] | None = None) -> str:
     """What replaces one `<image>` for this grid."""
 
-def decode(image: ImageArg) -> npt.NDArray[np.uint8]:
+def decode(image: _ImageArg) -> npt.NDArray[np.uint8]:
     """Decodes to `HxWx3` uint8 RGB (EXIF orientation applied to files and bytes)."""
 
 def preprocess(
-    image: ImageArg, budget_json: str
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.int64], GridTuple]:
+    image: _ImageArg, budget_json: str
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.int64], _GridTuple]:
     """`(pixel_values, pixel_attention_mask, spatial_shapes, grid)` of one image."""
 
 def apply_chat_template(
@@ -52,6 +52,13 @@ def init_ort(path: str | None) -> str:
 
 def available_providers() -> list[str]:
     """Execution providers the loaded ONNX Runtime offers (lfm's names), "cpu" first."""
+
+def bundled_file(name: str) -> bytes:
+    """A file bundled with lfm: tokenizer.json, tokenizer_config.json, chat_template.jinja,
+    config.json, preprocessor_config.json or processor_config.json."""
+
+def tokenize(text: str, path: str | None = None) -> list[int]:
+    """Token ids of `text` (no special tokens added) with a tokenizer.json, or the bundled one."""
 
 def _panic_for_tests() -> None:
     """Panics inside the core (the test suite checks it comes back as InternalError)."""
@@ -75,20 +82,24 @@ class Engine:
 
     @staticmethod
     def from_dir(path: str, options_json: str) -> Engine: ...
+    @staticmethod
+    def from_onnx_dir(path: str, options_json: str) -> Engine: ...
     def spec(self) -> dict[str, Any]: ...
     def stats(self) -> dict[str, int]: ...
     def load_warnings(self) -> list[str]: ...
-    def apply_chat_template(self, messages_json: str, tools_json: str | None = None, add_generation_prompt: bool = True) -> str: ...
-    def encode_prompt(self, messages_json: str, images: list[ImageArg]) -> list[int]: ...
-    def next_token_logits(self, messages_json: str, images: list[ImageArg]) -> npt.NDArray[np.float32]: ...
+    def apply_chat_template(
+        self, messages_json: str, tools_json: str | None = None, add_generation_prompt: bool = True
+    ) -> str: ...
+    def encode_prompt(self, messages_json: str, images: list[_ImageArg]) -> list[int]: ...
+    def next_token_logits(self, messages_json: str, images: list[_ImageArg]) -> npt.NDArray[np.float32]: ...
     def check_grammar(self, kind: str, source: str) -> None: ...
     def generate(
-        self, messages_json: str, images: list[ImageArg], options_json: str, grammar: tuple[str, str] | None = None
+        self, messages_json: str, images: list[_ImageArg], options_json: str, grammar: tuple[str, str] | None = None
     ) -> dict[str, Any]: ...
     def stream(
         self,
         messages_json: str,
-        images: list[ImageArg],
+        images: list[_ImageArg],
         options_json: str,
         grammar: tuple[str, str] | None = None,
         text: bool = True,

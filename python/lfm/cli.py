@@ -16,7 +16,6 @@ import json
 import os
 import pathlib
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
@@ -133,8 +132,17 @@ def caption(args: argparse.Namespace, stdout: TextIO) -> int:
         for start in range(0, len(images), args.batch_size):
             chunk = images[start : start + args.batch_size]
             if task is None:
-                gens = engine.generate_batch([args.prompt or DEFAULT_PROMPT] * len(chunk), images=[[p] for p in chunk], options=options)
-                recs = [record(p, g.text if not isinstance(g, BaseException) else g, None if isinstance(g, BaseException) else g) for p, g in zip(chunk, gens)]
+                gens = engine.generate_batch(
+                    [args.prompt or DEFAULT_PROMPT] * len(chunk), images=[[p] for p in chunk], options=options
+                )
+                recs = [
+                    record(
+                        p,
+                        g.text if not isinstance(g, BaseException) else g,
+                        None if isinstance(g, BaseException) else g,
+                    )
+                    for p, g in zip(chunk, gens)
+                ]
             else:
                 outs = engine.run_batch(task, [str(p) for p in chunk], options=options)
                 recs = [record(p, o) for p, o in zip(chunk, outs)]

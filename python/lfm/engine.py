@@ -52,7 +52,9 @@ class Engine:
         return cls._loaded(core, opts)
 
     @classmethod
-    def from_onnx_dir(cls, path: str | os.PathLike[str], options: EngineOptions | Mapping[str, Any] | None = None) -> Engine:
+    def from_onnx_dir(
+        cls, path: str | os.PathLike[str], options: EngineOptions | Mapping[str, Any] | None = None
+    ) -> Engine:
         """Loads the three graphs alone (from ``path`` or ``path/onnx``); the tokenizer,
         chat template and configs are the LFM2.5-VL-450M files bundled with lfm."""
         opts = coerce(EngineOptions, options)
@@ -153,7 +155,7 @@ class Engine:
         for i, m in enumerate(messages):
             try:
                 handles.append(self._submit(m, images[i] if images is not None else (), options, grammar, False))
-            except Exception as e:  # noqa: BLE001 - a bad item fails alone
+            except Exception as e:
                 handles.append(e)
         return collect(handles, lambda i, g: g, progress, self._core)
 
@@ -170,10 +172,10 @@ class Engine:
         prompt, grammar = task.prompt(), task.grammar()
         handles: list[Any] = []
         for item in items:
-            imgs = list(item) if isinstance(item, (list, tuple)) else [item]
+            imgs: list[ImageLike] = list(item) if isinstance(item, (list, tuple)) else [item]  # type: ignore[list-item]
             try:
                 handles.append(self._submit(prompt, imgs, options, grammar, False))
-            except Exception as e:  # noqa: BLE001 - a bad item fails alone
+            except Exception as e:
                 handles.append(e)
         return collect(handles, lambda i, g: _parse(task, g), progress, self._core)
 
@@ -249,7 +251,9 @@ class Engine:
     ) -> str:
         """The prompt this model's chat template renders (before image expansion)."""
         rendered: str = self._check_process().apply_chat_template(
-            template_json(messages), None if tools is None else json.dumps(tools, ensure_ascii=False), add_generation_prompt
+            template_json(messages),
+            None if tools is None else json.dumps(tools, ensure_ascii=False),
+            add_generation_prompt,
         )
         return rendered
 

@@ -57,7 +57,9 @@ class Grammar:
         elif isinstance(schema, Mapping):
             source = json.dumps(schema)
         else:
-            raise TypeError(f"a JSON Schema must be a dict, a JSON string or a pydantic model class, got {type(schema).__name__}")
+            raise TypeError(
+                f"a JSON Schema must be a dict, a JSON string or a pydantic model class, got {type(schema).__name__}"
+            )
         return cls("json_schema", source)
 
     @classmethod

@@ -15,7 +15,18 @@ from .grammar import Grammar
 from .tasks import FieldEnd, Task, parse_error
 
 EXTENSIONS = ("scene", "subjects", "objects", "actions", "emotion", "shot_type", "lighting", "categories")
-ROSTER = ("scene", "description", "subjects", "objects", "actions", "emotion", "shot_type", "lighting", "tags", "categories")
+ROSTER = (
+    "scene",
+    "description",
+    "subjects",
+    "objects",
+    "actions",
+    "emotion",
+    "shot_type",
+    "lighting",
+    "tags",
+    "categories",
+)
 STRING_FIELDS = ("scene", "description", "shot_type")
 LIST_FIELDS = ("subjects", "objects", "actions", "emotion", "lighting", "tags", "categories")
 DEFAULT_MAX_ITEMS = {"subjects": 8, "objects": 8, "actions": 8, "emotion": 3, "lighting": 3, "categories": 3}
@@ -51,7 +62,9 @@ class ImageAnalysis:
     categories_end: ListEnd = "unknown"
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
+        return {
+            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)
+        }
 
 
 _PARAGRAPHS = {
@@ -151,7 +164,8 @@ class ImageAnalysisTask(Task[ImageAnalysis]):
 
     def schema(self) -> dict[str, Any]:
         """The JSON Schema the answer follows."""
-        return json.loads(json.dumps(self._schema))
+        copy: dict[str, Any] = json.loads(json.dumps(self._schema))
+        return copy
 
     def prompt(self) -> str:
         head = (
@@ -240,7 +254,10 @@ class ImageAnalysisTask(Task[ImageAnalysis]):
         if not self.accept_empty:
             indexable = (result.description and result.tags) or result.subjects or result.objects or result.actions
             if not indexable:
-                raise parse_error("cannot parse model output: nothing usable (no description and tags, no subjects, objects or actions)", "no_usable_fields")
+                raise parse_error(
+                    "cannot parse model output: nothing usable (no description and tags, no subjects, objects or actions)",
+                    "no_usable_fields",
+                )
         return result
 
     def _settle_description(self, raw: str, end: FieldEnd | None) -> tuple[str, DescriptionEnd]:

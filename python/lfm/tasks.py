@@ -45,8 +45,8 @@ class Task(abc.ABC, Generic[Out]):
 
 def parse_error(message: str, kind: str, fields: tuple[str, ...] = ()) -> ParseError:
     err = ParseError(message)
-    err.kind = kind  # type: ignore[attr-defined]
-    err.fields = fields  # type: ignore[attr-defined]
+    err.kind = kind
+    err.fields = fields
     return err
 
 

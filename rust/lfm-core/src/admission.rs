@@ -21,38 +21,65 @@ fn rejected(field: impl Into<String>, value: impl ToString, limit: impl ToString
 /// Checks the shape of HF chat messages, their sizes, and that no text carries a special
 /// token string (which would let user text forge prompt structure).
 pub fn check_messages(messages: &Value, limits: &Limits, specials: &[String]) -> Result<MessageStats> {
-    let list = messages
-        .as_array()
-        .ok_or_else(|| rejected("messages", "not a list", "a list of messages", "messages must be a list of {role, content} objects"))?;
+    let list = messages.as_array().ok_or_else(|| {
+        rejected("messages", "not a list", "a list of messages", "messages must be a list of {role, content} objects")
+    })?;
     if list.is_empty() {
         return Err(rejected("messages", 0, "at least 1", "messages is empty"));
     }
     if list.len() > limits.max_messages {
-        return Err(rejected("messages", list.len(), limits.max_messages, format!("{} messages, over max_messages={}", list.len(), limits.max_messages)));
+        return Err(rejected(
+            "messages",
+            list.len(),
+            limits.max_messages,
+            format!("{} messages, over max_messages={}", list.len(), limits.max_messages),
+        ));
     }
     let (mut parts_total, mut text_bytes, mut image_parts) = (0usize, 0usize, 0usize);
     let mut check_text = |text: &str, where_: &str| -> Result<()> {
         text_bytes += text.len();
         if text_bytes > limits.max_text_bytes {
-            return Err(rejected("text", text_bytes, limits.max_text_bytes, format!("text totals over max_text_bytes={} bytes", limits.max_text_bytes)));
+            return Err(rejected(
+                "text",
+                text_bytes,
+                limits.max_text_bytes,
+                format!("text totals over max_text_bytes={} bytes", limits.max_text_bytes),
+            ));
         }
         if let Some(s) = specials.iter().find(|s| text.contains(s.as_str())) {
-            return Err(rejected(where_, s, "no special tokens", format!("{where_} contains the special token string {s:?}")));
+            return Err(rejected(
+                where_,
+                s,
+                "no special tokens",
+                format!("{where_} contains the special token string {s:?}"),
+            ));
         }
         Ok(())
     };
     for (i, m) in list.iter().enumerate() {
         let field = format!("messages[{i}]");
-        let obj = m.as_object().ok_or_else(|| rejected(&field, m, "an object", format!("{field} is not a {{role, content}} object")))?;
+        let obj = m
+            .as_object()
+            .ok_or_else(|| rejected(&field, m, "an object", format!("{field} is not a {{role, content}} object")))?;
         let role = obj.get("role").and_then(Value::as_str).unwrap_or_default();
         if !ROLES.contains(&role) {
-            return Err(rejected(format!("{field}.role"), format!("{role:?}"), ROLES.join(", "), format!("{field} has role {role:?}; allowed: {}", ROLES.join(", "))));
+            return Err(rejected(
+                format!("{field}.role"),
+                format!("{role:?}"),
+                ROLES.join(", "),
+                format!("{field} has role {role:?}; allowed: {}", ROLES.join(", ")),
+            ));
         }
         match obj.get("content") {
             // Only an assistant turn that calls tools may come without content.
             None | Some(Value::Null) if role == "assistant" && obj.contains_key("tool_calls") => parts_total += 1,
             None | Some(Value::Null) => {
-                return Err(rejected(format!("{field}.content"), "missing", "a string or a list of parts", format!("{field} has no content")));
+                return Err(rejected(
+                    format!("{field}.content"),
+                    "missing",
+                    "a string or a list of parts",
+                    format!("{field} has no content"),
+                ));
             }
             Some(Value::String(s)) => {
                 parts_total += 1;
@@ -64,27 +91,54 @@ pub fn check_messages(messages: &Value, limits: &Limits, specials: &[String]) ->
                     parts_total += 1;
                     match p.get("type").and_then(Value::as_str) {
                         Some("text") => {
-                            let t = p.get("text").and_then(Value::as_str).ok_or_else(|| rejected(&pf, p, "a string `text`", format!("{pf} is a text part without a string `text`")))?;
+                            let t = p.get("text").and_then(Value::as_str).ok_or_else(|| {
+                                rejected(
+                                    &pf,
+                                    p,
+                                    "a string `text`",
+                                    format!("{pf} is a text part without a string `text`"),
+                                )
+                            })?;
                             check_text(t, &pf)?;
                         }
                         Some("image") => {
                             if role != "user" {
-                                return Err(rejected(&pf, role, "user messages", format!("{pf}: images may only appear in user messages, not {role}")));
+                                return Err(rejected(
+                                    &pf,
+                                    role,
+                                    "user messages",
+                                    format!("{pf}: images may only appear in user messages, not {role}"),
+                                ));
                             }
                             image_parts += 1;
                         }
                         other => {
-                            return Err(rejected(&pf, format!("{other:?}"), "\"text\" or \"image\"", format!("{pf} has type {other:?}; expected \"text\" or \"image\"")));
+                            return Err(rejected(
+                                &pf,
+                                format!("{other:?}"),
+                                "\"text\" or \"image\"",
+                                format!("{pf} has type {other:?}; expected \"text\" or \"image\""),
+                            ));
                         }
                     }
                 }
             }
             Some(other) => {
-                return Err(rejected(format!("{field}.content"), other, "a string or a list of parts", format!("{field}.content must be a string or a list of parts")));
+                return Err(rejected(
+                    format!("{field}.content"),
+                    other,
+                    "a string or a list of parts",
+                    format!("{field}.content must be a string or a list of parts"),
+                ));
             }
         }
         if parts_total > limits.max_content_parts {
-            return Err(rejected("content parts", parts_total, limits.max_content_parts, format!("over max_content_parts={}", limits.max_content_parts)));
+            return Err(rejected(
+                "content parts",
+                parts_total,
+                limits.max_content_parts,
+                format!("over max_content_parts={}", limits.max_content_parts),
+            ));
         }
     }
     Ok(MessageStats { image_parts })

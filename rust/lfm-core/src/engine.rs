@@ -36,7 +36,6 @@ pub struct Prepared {
     preprocess_s: f64,
 }
 
-
 /// A loaded model with its tokenizer, chat template and preprocessing.
 pub struct Engine {
     model: Model,
@@ -67,11 +66,12 @@ impl Engine {
             Some(p) => Some(read_json(p)?),
             None => None,
         };
-        let template_source = match (&files.chat_template, tokenizer_config.as_ref().and_then(|c| c.get("chat_template"))) {
-            (Some(p), _) => std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?,
-            (None, Some(Value::String(s))) => s.clone(),
-            _ => bundled::CHAT_TEMPLATE_JINJA.to_string(),
-        };
+        let template_source =
+            match (&files.chat_template, tokenizer_config.as_ref().and_then(|c| c.get("chat_template"))) {
+                (Some(p), _) => std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?,
+                (None, Some(Value::String(s))) => s.clone(),
+                _ => bundled::CHAT_TEMPLATE_JINJA.to_string(),
+            };
         let template = ChatTemplate::new(&template_source).map_err(|e| {
             Error::model_load(files.chat_template.clone().unwrap_or_default(), format!("chat template: {e}"))
         })?;
@@ -82,7 +82,11 @@ impl Engine {
         };
         let tokenizer = match &files.tokenizer {
             Some(p) => TextTokenizer::from_file(p, tokenizer_config.as_ref())?,
-            None => TextTokenizer::from_bytes(std::path::Path::new("<bundled tokenizer.json>"), bundled::TOKENIZER_JSON, tokenizer_config.as_ref())?,
+            None => TextTokenizer::from_bytes(
+                std::path::Path::new("<bundled tokenizer.json>"),
+                bundled::TOKENIZER_JSON,
+                tokenizer_config.as_ref(),
+            )?,
         };
         let config = SessionConfig {
             intra_threads: options.intra_threads.map(usize::from),
@@ -93,12 +97,26 @@ impl Engine {
         if tokenizer.vocab_size > model.spec.vocab {
             return Err(Error::model_load(
                 files.tokenizer.clone().unwrap_or_else(|| "<bundled tokenizer.json>".into()),
-                format!("the tokenizer has {} tokens but the decoder only {} logits", tokenizer.vocab_size, model.spec.vocab),
+                format!(
+                    "the tokenizer has {} tokens but the decoder only {} logits",
+                    tokenizer.vocab_size, model.spec.vocab
+                ),
             ));
         }
         let preprocessor = Preprocessor::new(options.image_budget)?;
-        let seed0 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0x5eed);
-        Ok(Engine { model, tokenizer, template, preprocessor, options, seeds: AtomicU64::new(seed0), grammars: OnceLock::new() })
+        let seed0 = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x5eed);
+        Ok(Engine {
+            model,
+            tokenizer,
+            template,
+            preprocessor,
+            options,
+            seeds: AtomicU64::new(seed0),
+            grammars: OnceLock::new(),
+        })
     }
 
     pub fn model(&self) -> &Model {
@@ -138,7 +156,11 @@ impl Engine {
                 "images",
                 images.len(),
                 stats.image_parts,
-                format!("the messages have {} image placeholders but {} images were given", stats.image_parts, images.len()),
+                format!(
+                    "the messages have {} image placeholders but {} images were given",
+                    stats.image_parts,
+                    images.len()
+                ),
             ));
         }
         let dl = DecodeLimits::from(limits);
@@ -163,7 +185,11 @@ impl Engine {
         let structural: usize = planned.iter().map(|p| p.grid.num_structural_tokens()).sum();
         let context = limits.context_tokens;
         if image_tokens + structural + max_new_tokens > context {
-            return Err(Error::PromptTooLong { prompt_tokens: image_tokens + structural, max_new_tokens, limit: context });
+            return Err(Error::PromptTooLong {
+                prompt_tokens: image_tokens + structural,
+                max_new_tokens,
+                limit: context,
+            });
         }
         let rendered = self.render(messages, None, true)?;
         let grids: Vec<TileGrid> = planned.iter().map(|p| p.grid).collect();

@@ -86,7 +86,8 @@ mod tests {
     #[test]
     fn tracks_top_level_strings_only() {
         let mut t = FieldTracker::new();
-        for tok in [&b"{\"description\":\"A c"[..], b"at\",\"tags\":[\"x\"],\"n\":{\"k\":\"v\"},\"s\":\"\\\"q", b"\"}"] {
+        for tok in [&b"{\"description\":\"A c"[..], b"at\",\"tags\":[\"x\"],\"n\":{\"k\":\"v\"},\"s\":\"\\\"q", b"\"}"]
+        {
             t.observe(tok, |prefix| prefix != b"\\\"q");
         }
         assert_eq!(

@@ -51,7 +51,10 @@ impl ModelFiles {
         let graphs = Self::graphs_in(&graph_dir, variant)?;
         let tokenizer = dir.join("tokenizer.json");
         if !tokenizer.is_file() {
-            return Err(Error::model_load(&tokenizer, "missing: a model folder needs tokenizer.json next to its configs"));
+            return Err(Error::model_load(
+                &tokenizer,
+                "missing: a model folder needs tokenizer.json next to its configs",
+            ));
         }
         Ok(ModelFiles {
             graphs,
@@ -69,7 +72,12 @@ impl ModelFiles {
         }
         let onnx = dir.join("onnx");
         let graph_dir = if onnx.is_dir() { onnx } else { dir.to_path_buf() };
-        Ok(ModelFiles { graphs: Self::graphs_in(&graph_dir, variant)?, tokenizer: None, tokenizer_config: None, chat_template: None })
+        Ok(ModelFiles {
+            graphs: Self::graphs_in(&graph_dir, variant)?,
+            tokenizer: None,
+            tokenizer_config: None,
+            chat_template: None,
+        })
     }
 
     /// The three graphs of `variant` in `dir`, each of which must exist.

@@ -115,17 +115,22 @@ fn branches_exclusive(root: &Value, branches: &[Value]) -> bool {
         .iter()
         .map(|b| b.get("type").and_then(Value::as_str).map(|t| if t == "integer" { "number" } else { t }))
         .collect();
-    if let Some(ts) = types.iter().copied().collect::<Option<Vec<&str>>>() {
-        if (0..ts.len()).all(|i| (i + 1..ts.len()).all(|j| ts[i] != ts[j])) {
-            return true;
-        }
+    if let Some(ts) = types.iter().copied().collect::<Option<Vec<&str>>>()
+        && (0..ts.len()).all(|i| (i + 1..ts.len()).all(|j| ts[i] != ts[j]))
+    {
+        return true;
     }
     // A required discriminator property with a distinct constant in every branch.
     let Some(first) = bs.first().and_then(|b| b.get("properties")).and_then(Value::as_object) else { return false };
     first.keys().any(|key| {
-        bs.iter().all(|b| {
-            b.get("required").and_then(Value::as_array).is_some_and(|r| r.iter().any(|x| x == key))
-        }) && distinct(bs.iter().map(|b| b.get("properties").and_then(|p| p.get(key)).map(|p| resolve(root, p)).and_then(single_value)).collect())
+        bs.iter().all(|b| b.get("required").and_then(Value::as_array).is_some_and(|r| r.iter().any(|x| x == key)))
+            && distinct(
+                bs.iter()
+                    .map(|b| {
+                        b.get("properties").and_then(|p| p.get(key)).map(|p| resolve(root, p)).and_then(single_value)
+                    })
+                    .collect(),
+            )
     })
 }
 
@@ -135,10 +140,10 @@ fn one_ofs_exclusive(root: &Value, v: &Value, depth: usize) -> bool {
     }
     match v {
         Value::Object(o) => {
-            if let Some(Value::Array(branches)) = o.get("oneOf") {
-                if !branches_exclusive(root, branches) {
-                    return false;
-                }
+            if let Some(Value::Array(branches)) = o.get("oneOf")
+                && !branches_exclusive(root, branches)
+            {
+                return false;
             }
             o.values().all(|c| one_ofs_exclusive(root, c, depth + 1))
         }
@@ -160,7 +165,8 @@ impl GrammarCompiler {
                 .map_err(|e| Error::Internal(format!("grammar tokenizer: {e}")))?;
             bt.set_eos_token(eos);
             let env = bt.into_tok_env(Some(n_vocab)).map_err(|e| Error::Internal(format!("grammar tokenizer: {e}")))?;
-            let mut factory = ParserFactory::new_simple(&env).map_err(|e| Error::Internal(format!("grammar compiler: {e}")))?;
+            let mut factory =
+                ParserFactory::new_simple(&env).map_err(|e| Error::Internal(format!("grammar compiler: {e}")))?;
             factory.set_stderr_log_level(0);
             Ok(Arc::new(GrammarCompiler { factory }))
         })
@@ -259,7 +265,11 @@ mod tests {
             {"$ref": "#/$defs/b"}
         ], "$defs": {"b": {"type": "object", "properties": {"kind": {"const": "b"}}, "required": ["kind"]}}});
         assert!(Grammar::JsonSchema(tagged).check().is_ok());
-        assert!(Grammar::JsonSchema(serde_json::json!({"oneOf": [{"type": "string"}, {"type": "integer"}]})).check().is_ok());
+        assert!(
+            Grammar::JsonSchema(serde_json::json!({"oneOf": [{"type": "string"}, {"type": "integer"}]}))
+                .check()
+                .is_ok()
+        );
         let overlapping = serde_json::json!({"oneOf": [{"type": "integer"}, {"type": "number"}]});
         assert!(matches!(Grammar::JsonSchema(overlapping).check(), Err(Error::Grammar { .. })));
     }

@@ -9,26 +9,26 @@ pub mod preproc;
 
 pub use error::{Error, Result};
 pub use options::{EngineOptions, ImageBudget, Limits, RequestOptions};
+pub mod admission;
 #[cfg(feature = "inference")]
 pub mod chat;
+#[cfg(feature = "inference")]
+pub mod engine;
+#[cfg(feature = "inference")]
+pub mod field_ends;
+#[cfg(feature = "inference")]
+pub mod files;
+pub mod fuzzing;
+#[cfg(feature = "inference")]
+pub mod grammar;
+pub mod request;
 #[cfg(feature = "inference")]
 pub mod runtime;
 pub mod sampling;
 #[cfg(feature = "inference")]
-pub mod tokenizer;
-#[cfg(feature = "inference")]
-pub mod engine;
-#[cfg(feature = "inference")]
-pub mod files;
-pub mod request;
-pub mod admission;
-#[cfg(feature = "inference")]
-pub mod grammar;
-#[cfg(feature = "inference")]
-pub mod field_ends;
-pub mod stream;
+pub mod scheduler;
 #[cfg(feature = "inference")]
 pub mod sequence;
+pub mod stream;
 #[cfg(feature = "inference")]
-pub mod scheduler;
-pub mod fuzzing;
+pub mod tokenizer;

@@ -72,7 +72,7 @@ impl ImageBudget {
     /// Never tiles: every image becomes one smart-resized tile of at most `max_image_tokens`.
     pub fn single_tile(max_image_tokens: usize) -> Self {
         ImageBudget {
-            min_image_tokens: max_image_tokens.min(64).max(1),
+            min_image_tokens: max_image_tokens.clamp(1, 64),
             max_image_tokens,
             min_tiles: 1,
             max_tiles: 1,
@@ -118,11 +118,7 @@ impl ImageBudget {
             ));
         }
         if !(self.max_pixels_tolerance.is_finite() && self.max_pixels_tolerance > 0.0) {
-            return Err(Error::option(
-                f("max_pixels_tolerance"),
-                self.max_pixels_tolerance,
-                "a finite number above 0",
-            ));
+            return Err(Error::option(f("max_pixels_tolerance"), self.max_pixels_tolerance, "a finite number above 0"));
         }
         Ok(())
     }
@@ -218,11 +214,7 @@ impl RequestOptions {
 
     pub fn validate(&self) -> Result<()> {
         if self.max_new_tokens == 0 || self.max_new_tokens > MAX_NEW_TOKENS_CAP {
-            return Err(Error::option(
-                "max_new_tokens",
-                self.max_new_tokens,
-                format!("1 to {MAX_NEW_TOKENS_CAP}"),
-            ));
+            return Err(Error::option("max_new_tokens", self.max_new_tokens, format!("1 to {MAX_NEW_TOKENS_CAP}")));
         }
         if self.min_new_tokens > self.max_new_tokens {
             return Err(Error::option(
@@ -232,8 +224,7 @@ impl RequestOptions {
             ));
         }
         let t = self.temperature;
-        if !t.is_finite() || !(0.0..=MAX_TEMPERATURE).contains(&t) || (t > 0.0 && t < MIN_POSITIVE_TEMPERATURE)
-        {
+        if !t.is_finite() || !(0.0..=MAX_TEMPERATURE).contains(&t) || (t > 0.0 && t < MIN_POSITIVE_TEMPERATURE) {
             return Err(Error::option(
                 "temperature",
                 t,
@@ -255,7 +246,11 @@ impl RequestOptions {
             ));
         }
         if self.stop.len() > MAX_STOP_STRINGS {
-            return Err(Error::option("stop", format!("{} strings", self.stop.len()), format!("at most {MAX_STOP_STRINGS}")));
+            return Err(Error::option(
+                "stop",
+                format!("{} strings", self.stop.len()),
+                format!("at most {MAX_STOP_STRINGS}"),
+            ));
         }
         for s in &self.stop {
             if s.is_empty() || s.len() > MAX_STOP_BYTES {
@@ -266,10 +261,10 @@ impl RequestOptions {
                 ));
             }
         }
-        if let Some(t) = self.timeout_s {
-            if !(t.is_finite() && t > 0.0) {
-                return Err(Error::option("timeout_s", t, "a finite number of seconds above 0, or None"));
-            }
+        if let Some(t) = self.timeout_s
+            && !(t.is_finite() && t > 0.0)
+        {
+            return Err(Error::option("timeout_s", t, "a finite number of seconds above 0, or None"));
         }
         Ok(())
     }
@@ -358,11 +353,7 @@ impl Variant {
         if let Variant::PerGraph(m) = self {
             for (k, p) in m {
                 if !GraphKind::ALL.iter().any(|g| g.stem() == k) {
-                    return Err(Error::option(
-                        "variant",
-                        k,
-                        "keys vision_encoder, embed_tokens, decoder_model_merged",
-                    ));
+                    return Err(Error::option("variant", k, "keys vision_encoder, embed_tokens, decoder_model_merged"));
                 }
                 if k == "embed_tokens" && matches!(p, Precision::Q4 | Precision::Q8) {
                     return Err(Error::option("variant.embed_tokens", p.as_str(), "fp32 or fp16"));
@@ -450,11 +441,11 @@ pub fn from_json<T: serde::de::DeserializeOwned>(section: &str, json: &str) -> R
         let msg = e.to_string();
         // serde's message names the bad key or value and, for unknown keys, the allowed ones.
         let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
-        if let Some(rest) = msg.strip_prefix("unknown field `") {
-            if let Some((key, allowed)) = rest.split_once("`, expected ") {
-                let allowed = allowed.replace('`', "");
-                return Error::option(format!("{section}.{key}"), key, format!("a known key ({allowed})"));
-            }
+        if let Some(rest) = msg.strip_prefix("unknown field `")
+            && let Some((key, allowed)) = rest.split_once("`, expected ")
+        {
+            let allowed = allowed.replace('`', "");
+            return Error::option(format!("{section}.{key}"), key, format!("a known key ({allowed})"));
         }
         Error::option(section, json_excerpt(json), msg)
     })

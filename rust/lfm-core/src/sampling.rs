@@ -88,10 +88,10 @@ impl Sampler {
                 }
             }
         }
-        if generated < self.opts.min_new_tokens {
-            if let Some(v) = logits.get_mut(self.eos as usize) {
-                *v = f32::NEG_INFINITY;
-            }
+        if generated < self.opts.min_new_tokens
+            && let Some(v) = logits.get_mut(self.eos as usize)
+        {
+            *v = f32::NEG_INFINITY;
         }
         if self.opts.is_greedy() {
             return;
@@ -261,10 +261,16 @@ mod tests {
 
     #[test]
     fn min_p_drops_unlikely_tokens() {
-        let s = Sampler::new(&opts(|o| {
-            o.temperature = 1.0;
-            o.min_p = 0.5;
-        }), 0, 99, &[], 3);
+        let s = Sampler::new(
+            &opts(|o| {
+                o.temperature = 1.0;
+                o.min_p = 0.5;
+            }),
+            0,
+            99,
+            &[],
+            3,
+        );
         let mut row = [(0.6f32).ln(), (0.35f32).ln(), (0.05f32).ln()];
         s.process(&mut row, 0);
         assert!(row[0].is_finite() && row[1].is_finite() && row[2] == f32::NEG_INFINITY);

@@ -120,24 +120,23 @@ impl Worker {
             waiting.extend(rx.try_iter());
             // Admit one request per step, so running sequences keep flowing while new ones
             // are encoded and prefilled.
-            if self.active.len() < max {
-                if let Some(job) = waiting.pop_front() {
-                    self.admit(job);
-                }
+            if self.active.len() < max
+                && let Some(job) = waiting.pop_front()
+            {
+                self.admit(job);
             }
-            if !self.active.is_empty() {
-                if let Err(e) = catch_panic("decode step", || self.step()) {
-                    self.fail_all(e);
-                }
+            if !self.active.is_empty()
+                && let Err(e) = catch_panic("decode step", || self.step())
+            {
+                self.fail_all(e);
             }
         }
     }
 
     fn admit(&mut self, job: Job) {
         let Job { messages, images, options, grammar, cancel, sink, reply } = job;
-        let started = catch_panic("prefill", || {
-            self.engine.start(&messages, images, &options, grammar.as_ref(), cancel, sink)
-        });
+        let started =
+            catch_panic("prefill", || self.engine.start(&messages, images, &options, grammar.as_ref(), cancel, sink));
         let (seq, cache, logits) = match started {
             Ok(x) => x,
             Err(e) => return reply(Err(e)),
@@ -195,7 +194,8 @@ impl Worker {
         if self.active.is_empty() {
             return Ok(());
         }
-        let next: Vec<u32> = outcomes.into_iter().map(|o| if let Ok(Step::Continue(id)) = o { id } else { 0 }).collect();
+        let next: Vec<u32> =
+            outcomes.into_iter().map(|o| if let Ok(Step::Continue(id)) = o { id } else { 0 }).collect();
         let batched = matches!(self.caches, Caches::Batched(_));
         self.stats.steps.fetch_add(if batched { 1 } else { next.len() }, Ordering::Relaxed);
         self.stats.rows.fetch_add(next.len(), Ordering::Relaxed);
@@ -237,7 +237,8 @@ impl Worker {
                     .fold(0f32, f32::max);
                 // fp32 rows agree to rounding; fp16 ones to a few half-precision steps.
                 let spec = engine.spec();
-                let half = [spec.embeds_float, spec.conv_float, spec.kv_float].contains(&crate::runtime::tensor::FloatType::F16);
+                let half = [spec.embeds_float, spec.conv_float, spec.kv_float]
+                    .contains(&crate::runtime::tensor::FloatType::F16);
                 let tolerance = if half { 4e-3 } else { 1e-4 };
                 if worst <= tolerance {
                     for (r, l) in self.active.iter_mut().zip(batched) {

@@ -114,7 +114,11 @@ impl Sequence {
             c.commit(id)?;
         }
         if id == self.eos {
-            return Ok(Step::Finished(if self.constraint.is_some() { FinishReason::Grammar } else { FinishReason::Stop }));
+            return Ok(Step::Finished(if self.constraint.is_some() {
+                FinishReason::Grammar
+            } else {
+                FinishReason::Stop
+            }));
         }
         self.ids.push(id);
         self.sampler.observe(id);
@@ -124,10 +128,10 @@ impl Sequence {
                 self.stop_cut = Some(cut);
                 return Ok(Step::Finished(FinishReason::Stop));
             }
-            if let (Some(sink), Some(delta)) = (self.sink.as_mut(), self.deltas.push(&text)) {
-                if !sink(&delta) {
-                    return Ok(Step::Finished(FinishReason::Cancelled));
-                }
+            if let (Some(sink), Some(delta)) = (self.sink.as_mut(), self.deltas.push(&text))
+                && !sink(&delta)
+            {
+                return Ok(Step::Finished(FinishReason::Cancelled));
             }
         }
         if self.constraint.as_ref().is_some_and(|c| c.is_stopped()) {
@@ -154,6 +158,13 @@ impl Sequence {
             _ => Vec::new(),
         };
         self.usage.completion_tokens = self.ids.len();
-        Ok(Generation { text, token_ids: self.ids, finish_reason: reason, usage: self.usage, timings: self.timings, field_ends })
+        Ok(Generation {
+            text,
+            token_ids: self.ids,
+            finish_reason: reason,
+            usage: self.usage,
+            timings: self.timings,
+            field_ends,
+        })
     }
 }

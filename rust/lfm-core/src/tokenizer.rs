@@ -76,9 +76,17 @@ impl TextTokenizer {
         let mut special_strings: Vec<String> =
             inner.get_added_tokens_decoder().values().filter(|t| t.special).map(|t| t.content.clone()).collect();
         special_strings.extend(
-            [IMAGE_TOKEN, IMAGE_START, IMAGE_END, IMAGE_THUMBNAIL, special.bos_token.as_str(), special.eos_token.as_str(), "<|im_start|>"]
-                .iter()
-                .map(|s| s.to_string()),
+            [
+                IMAGE_TOKEN,
+                IMAGE_START,
+                IMAGE_END,
+                IMAGE_THUMBNAIL,
+                special.bos_token.as_str(),
+                special.eos_token.as_str(),
+                "<|im_start|>",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
         );
         for r in 1..=MAX_TILES_CAP {
             for c in 1..=MAX_TILES_CAP {

@@ -32,11 +32,7 @@ fn floats(v: &Value) -> Vec<f32> {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 #[test]
@@ -44,10 +40,7 @@ fn process_matches_transformers() {
     let golden = common::golden("sampling.json");
     let cases = golden["cases"].as_array().unwrap();
     assert!(cases.len() >= 40, "{} cases", cases.len());
-    let flagged = cases
-        .iter()
-        .filter(|c| c.get("tie_order_dependent").is_some())
-        .count();
+    let flagged = cases.iter().filter(|c| c.get("tie_order_dependent").is_some()).count();
     assert!(flagged <= 1, "{flagged} tie-order-dependent cases");
     let mut failures = Vec::new();
     for case in cases {
@@ -63,19 +56,12 @@ fn process_matches_transformers() {
             ..Default::default()
         };
         opts.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(
-            opts.is_greedy(),
-            !case["do_sample"].as_bool().unwrap(),
-            "{name}"
-        );
+        assert_eq!(opts.is_greedy(), !case["do_sample"].as_bool().unwrap(), "{name}");
         let input_ids = ids(&case["input_ids"]);
         let prompt_len = case["prompt_len"].as_u64().unwrap() as usize;
         let eos = case["eos"].as_u64().unwrap() as u32;
         let mut row = floats(&case["logits"]);
-        let tie_order_dependent = case
-            .get("tie_order_dependent")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let tie_order_dependent = case.get("tie_order_dependent").and_then(Value::as_bool).unwrap_or(false);
         let mut expected = floats(&case["expected"]);
         if tie_order_dependent {
             let stable = floats(&case["expected_stable_sort"]);
@@ -91,16 +77,10 @@ fn process_matches_transformers() {
         }
         sampler.process(&mut row, input_ids.len() - prompt_len);
 
-        let got_inf: Vec<usize> = (0..row.len())
-            .filter(|&i| row[i] == f32::NEG_INFINITY)
-            .collect();
-        let want_inf: Vec<usize> = (0..row.len())
-            .filter(|&i| expected[i] == f32::NEG_INFINITY)
-            .collect();
+        let got_inf: Vec<usize> = (0..row.len()).filter(|&i| row[i] == f32::NEG_INFINITY).collect();
+        let want_inf: Vec<usize> = (0..row.len()).filter(|&i| expected[i] == f32::NEG_INFINITY).collect();
         if got_inf != want_inf {
-            failures.push(format!(
-                "{name}: -inf at {got_inf:?}, transformers {want_inf:?}"
-            ));
+            failures.push(format!("{name}: -inf at {got_inf:?}, transformers {want_inf:?}"));
             continue;
         }
         for (i, (&g, &w)) in row.iter().zip(&expected).enumerate() {
@@ -113,10 +93,5 @@ fn process_matches_transformers() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} mismatches:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
 }

@@ -22,7 +22,10 @@ fn ids_and_text_match_python_tokenizers() {
 fn special_tokens_are_read_from_the_tokenizer() {
     let path = common::fixtures().join("models/tiny6/tokenizer.json");
     let tok = TextTokenizer::from_file(&path, None).unwrap();
-    assert_eq!((tok.special.eos, tok.special.image, tok.special.image_start, tok.special.image_end), (7, 396, 498, 499));
+    assert_eq!(
+        (tok.special.eos, tok.special.image, tok.special.image_start, tok.special.image_end),
+        (7, 396, 498, 499)
+    );
     assert!(tok.special_strings.iter().any(|s| s == "<|im_start|>"));
     assert_eq!(tok.vocab_size, 896);
 }

@@ -16,11 +16,11 @@ use lfm_core::options::{self, EngineOptions, RequestOptions};
 use lfm_core::request::{Cancel, Closer, Generation, ImageSource};
 use lfm_core::scheduler::{Job, Scheduler};
 use lfm_core::sequence::TextSink;
-use std::sync::atomic::{AtomicBool, Ordering};
 use numpy::PyArray1;
 use pyo3::exceptions::{PyStopIteration, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::errors::{detached, to_py_err};
 use crate::images::image_source;
@@ -105,9 +105,11 @@ fn next_event(py: Python<'_>, rx: &Receiver<Event>, cancel: &Cancel) -> PyResult
             Err(RecvTimeoutError::Timeout) => {
                 if let Err(interrupt) = py.check_signals() {
                     cancel.cancel();
-                    py.detach(|| while let Ok(ev) = rx.recv() {
-                        if matches!(ev, Event::Done(_)) {
-                            break;
+                    py.detach(|| {
+                        while let Ok(ev) = rx.recv() {
+                            if matches!(ev, Event::Done(_)) {
+                                break;
+                            }
                         }
                     });
                     return Err(interrupt);
@@ -172,7 +174,8 @@ impl Stream {
             Ok(Event::Done(result)) => {
                 *guard = None;
                 let g = result.map_err(|e| to_py_err(py, e))?;
-                *self.result.lock().map_err(|_| PyValueError::new_err("poisoned"))? = Some(generation_dict(py, g)?.unbind());
+                *self.result.lock().map_err(|_| PyValueError::new_err("poisoned"))? =
+                    Some(generation_dict(py, g)?.unbind());
                 Err(PyStopIteration::new_err(()))
             }
             Err(e) => {
@@ -240,11 +243,11 @@ impl PyEngine {
     /// Issues `lfm.LfmWarning` once if the scheduler stopped batching on this model.
     fn warn_fallback(&self, py: Python<'_>) -> PyResult<()> {
         let reason = self.scheduler.fallback_reason.lock().ok().and_then(|r| r.clone());
-        if let Some(reason) = reason {
-            if !self.warned.swap(true, Ordering::Relaxed) {
-                let cls = py.import("lfm.errors")?.getattr("LfmWarning")?;
-                PyErr::warn(py, &cls, &std::ffi::CString::new(reason).unwrap_or_default(), 1)?;
-            }
+        if let Some(reason) = reason
+            && !self.warned.swap(true, Ordering::Relaxed)
+        {
+            let cls = py.import("lfm.errors")?.getattr("LfmWarning")?;
+            PyErr::warn(py, &cls, &std::ffi::CString::new(reason).unwrap_or_default(), 1)?;
         }
         Ok(())
     }
@@ -298,8 +301,11 @@ impl PyEngine {
         d.set_item("hidden", s.hidden)?;
         d.set_item("vocab", s.vocab)?;
         d.set_item("num_layers", s.layers.len())?;
-        let kinds: Vec<&str> =
-            s.layers.iter().map(|k| if matches!(k, lfm_core::runtime::LayerKind::Conv) { "conv" } else { "attention" }).collect();
+        let kinds: Vec<&str> = s
+            .layers
+            .iter()
+            .map(|k| if matches!(k, lfm_core::runtime::LayerKind::Conv) { "conv" } else { "attention" })
+            .collect();
         d.set_item("layer_types", kinds)?;
         d.set_item("conv_channels", s.conv_channels)?;
         d.set_item("conv_width", s.conv_width)?;
@@ -316,7 +322,13 @@ impl PyEngine {
     }
 
     #[pyo3(signature = (messages_json, tools_json=None, add_generation_prompt=true))]
-    fn apply_chat_template(&self, py: Python<'_>, messages_json: &str, tools_json: Option<&str>, add_generation_prompt: bool) -> PyResult<String> {
+    fn apply_chat_template(
+        &self,
+        py: Python<'_>,
+        messages_json: &str,
+        tools_json: Option<&str>,
+        add_generation_prompt: bool,
+    ) -> PyResult<String> {
         let messages = json(messages_json)?;
         let tools = tools_json.map(json).transpose()?;
         let engine = self.inner.clone();
@@ -330,7 +342,12 @@ impl PyEngine {
         detached(py, move || engine.encode_prompt(&messages, srcs))
     }
 
-    fn next_token_logits<'py>(&self, py: Python<'py>, messages_json: &str, images: &Bound<'py, PyList>) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    fn next_token_logits<'py>(
+        &self,
+        py: Python<'py>,
+        messages_json: &str,
+        images: &Bound<'py, PyList>,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
         let messages = json(messages_json)?;
         let srcs = sources(images)?;
         let engine = self.inner.clone();

@@ -21,21 +21,32 @@ fn lfm_error(py: Python<'_>, class_name: &str, message: String, attrs: &[(&str, 
 pub fn to_py_err(py: Python<'_>, e: Error) -> PyErr {
     let msg = e.to_string();
     match e {
-        Error::InvalidOption { field, value, expected } => {
-            lfm_error(py, "InvalidOptionsError", msg, &[("field", Some(field)), ("value", Some(value)), ("limit", Some(expected))])
-        }
+        Error::InvalidOption { field, value, expected } => lfm_error(
+            py,
+            "InvalidOptionsError",
+            msg,
+            &[("field", Some(field)), ("value", Some(value)), ("limit", Some(expected))],
+        ),
         Error::ImageDecode { .. } | Error::ImageInput { .. } => lfm_error(py, "ImageError", msg, &[]),
         Error::ImageTooLarge { field, value, limit } => lfm_error(
             py,
             "ImageError",
             msg,
-            &[("field", Some(field.to_string())), ("value", Some(value.to_string())), ("limit", Some(limit.to_string()))],
+            &[
+                ("field", Some(field.to_string())),
+                ("value", Some(value.to_string())),
+                ("limit", Some(limit.to_string())),
+            ],
         ),
         Error::ImageTooSmall { width, height } => lfm_error(
             py,
             "ImageError",
             msg,
-            &[("field", Some("size".into())), ("value", Some(format!("{width}x{height}"))), ("limit", Some("1x1".into()))],
+            &[
+                ("field", Some("size".into())),
+                ("value", Some(format!("{width}x{height}"))),
+                ("limit", Some("1x1".into())),
+            ],
         ),
         Error::TileGridImpossible { width, height, tokens, limit } => lfm_error(
             py,
@@ -47,9 +58,12 @@ pub fn to_py_err(py: Python<'_>, e: Error) -> PyErr {
                 ("limit", Some(limit.to_string())),
             ],
         ),
-        Error::RequestRejected { field, value, limit, .. } => {
-            lfm_error(py, "RequestRejectedError", msg, &[("field", Some(field)), ("value", Some(value)), ("limit", Some(limit))])
-        }
+        Error::RequestRejected { field, value, limit, .. } => lfm_error(
+            py,
+            "RequestRejectedError",
+            msg,
+            &[("field", Some(field)), ("value", Some(value)), ("limit", Some(limit))],
+        ),
         Error::PromptTooLong { prompt_tokens, max_new_tokens, limit } => lfm_error(
             py,
             "PromptTooLongError",
@@ -66,7 +80,9 @@ pub fn to_py_err(py: Python<'_>, e: Error) -> PyErr {
             lfm_error(py, "ModelLoadError", msg, &[("path", Some(path.display().to_string()))])
         }
         Error::NotFound { path } => PyFileNotFoundError::new_err((2, msg, path.display().to_string())),
-        Error::Io { path, source } => PyOSError::new_err((source.raw_os_error().unwrap_or(0), msg, path.display().to_string())),
+        Error::Io { path, source } => {
+            PyOSError::new_err((source.raw_os_error().unwrap_or(0), msg, path.display().to_string()))
+        }
         Error::Inference { .. } => lfm_error(py, "InferenceError", msg, &[]),
         Error::Internal(_) => lfm_error(py, "InternalError", msg, &[]),
         _ => lfm_error(py, "InternalError", format!("unmapped error: {msg}"), &[]),

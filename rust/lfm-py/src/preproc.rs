@@ -60,7 +60,13 @@ pub fn plan(py: Python<'_>, width: i64, height: i64, budget_json: &str) -> PyRes
 /// Validates a hand-made grid; returns `(num_entries, num_image_tokens)`.
 #[pyfunction]
 #[pyo3(signature = (rows, cols, tile, thumbnail=None))]
-pub fn grid_info(py: Python<'_>, rows: usize, cols: usize, tile: (usize, usize), thumbnail: Option<(usize, usize)>) -> PyResult<(usize, usize)> {
+pub fn grid_info(
+    py: Python<'_>,
+    rows: usize,
+    cols: usize,
+    tile: (usize, usize),
+    thumbnail: Option<(usize, usize)>,
+) -> PyResult<(usize, usize)> {
     let g = TileGrid::new(rows, cols, tile, thumbnail).map_err(|e| to_py_err(py, e))?;
     Ok((g.num_entries(), g.num_image_tokens()))
 }
@@ -68,7 +74,13 @@ pub fn grid_info(py: Python<'_>, rows: usize, cols: usize, tile: (usize, usize),
 /// The text that replaces one `<image>` for this grid.
 #[pyfunction]
 #[pyo3(signature = (rows, cols, tile, thumbnail=None))]
-pub fn placeholder_text(py: Python<'_>, rows: usize, cols: usize, tile: (usize, usize), thumbnail: Option<(usize, usize)>) -> PyResult<String> {
+pub fn placeholder_text(
+    py: Python<'_>,
+    rows: usize,
+    cols: usize,
+    tile: (usize, usize),
+    thumbnail: Option<(usize, usize)>,
+) -> PyResult<String> {
     let g = TileGrid::new(rows, cols, tile, thumbnail).map_err(|e| to_py_err(py, e))?;
     Ok(preproc::placeholder_text(&g))
 }
@@ -92,13 +104,12 @@ pub fn decode<'py>(py: Python<'py>, image: &Bound<'py, PyAny>) -> PyResult<Bound
     Ok(PyArray1::from_vec(py, img.data).reshape([h, w, 3])?.into_any())
 }
 
+/// `(pixel_values, pixel_attention_mask, spatial_shapes, grid)` as Python objects.
+type Preprocessed<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>, GridTuple);
+
 /// Preprocesses one image: `(pixel_values, pixel_attention_mask, spatial_shapes, grid)`.
 #[pyfunction]
-pub fn preprocess<'py>(
-    py: Python<'py>,
-    image: &Bound<'py, PyAny>,
-    budget_json: &str,
-) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>, GridTuple)> {
+pub fn preprocess<'py>(py: Python<'py>, image: &Bound<'py, PyAny>, budget_json: &str) -> PyResult<Preprocessed<'py>> {
     let b = budget(py, budget_json)?;
     let src = image_source(image)?;
     let img = pixels(py, src, &DecodeLimits::default())?;
@@ -124,7 +135,8 @@ pub fn apply_chat_template(
     bos_token: &str,
 ) -> PyResult<String> {
     let parse = |s: &str| {
-        serde_json::from_str::<serde_json::Value>(s).map_err(|e| PyValueError::new_err(format!("not JSON-serialisable: {e}")))
+        serde_json::from_str::<serde_json::Value>(s)
+            .map_err(|e| PyValueError::new_err(format!("not JSON-serialisable: {e}")))
     };
     let messages = parse(messages_json)?;
     let tools = tools_json.map(parse).transpose()?;
@@ -167,7 +179,11 @@ pub fn tokenize(py: Python<'_>, text: String, path: Option<std::path::PathBuf>) 
     detached(py, move || {
         let tok = match &path {
             Some(p) => TextTokenizer::from_file(p, None)?,
-            None => TextTokenizer::from_bytes(std::path::Path::new("<bundled>"), lfm_core::files::bundled::TOKENIZER_JSON, None)?,
+            None => TextTokenizer::from_bytes(
+                std::path::Path::new("<bundled>"),
+                lfm_core::files::bundled::TOKENIZER_JSON,
+                None,
+            )?,
         };
         tok.encode(&text)
     })

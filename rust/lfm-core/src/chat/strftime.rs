@@ -4,8 +4,20 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-const MONTHS: [&str; 12] =
-    ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
 const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
 
 /// Broken-down UTC time.
@@ -72,7 +84,7 @@ impl Civil {
                 out.push(c);
                 continue;
             }
-            let h12 = if self.hour % 12 == 0 { 12 } else { self.hour % 12 };
+            let h12 = if self.hour.is_multiple_of(12) { 12 } else { self.hour % 12 };
             match chars.next() {
                 Some('Y') => out.push_str(&self.year.to_string()),
                 Some('y') => out.push_str(&format!("{:02}", self.year.rem_euclid(100))),

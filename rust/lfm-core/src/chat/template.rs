@@ -45,7 +45,10 @@ pub fn neutralise_generation_tags(source: &str) -> String {
         let tag = &rest[start..start + len + 2];
         let inner = tag[2..tag.len() - 2].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
         out.push_str(&rest[..start]);
-        let (open, close) = (&tag[..2 + usize::from(tag[2..].starts_with(['-', '+']))], &tag[tag.len() - 2 - usize::from(tag[..tag.len() - 2].ends_with(['-', '+']))..]);
+        let (open, close) = (
+            &tag[..2 + usize::from(tag[2..].starts_with(['-', '+']))],
+            &tag[tag.len() - 2 - usize::from(tag[..tag.len() - 2].ends_with(['-', '+']))..],
+        );
         match inner {
             "generation" => out.push_str(&format!("{open} if true {close}")),
             "endgeneration" => out.push_str(&format!("{open} endif {close}")),
@@ -72,11 +75,11 @@ fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> std::result::
     if let Some(s) = kwargs.get::<Option<bool>>("sort_keys")? {
         opts.sort_keys = s;
     }
-    if let Some(seps) = kwargs.get::<Option<Vec<String>>>("separators")? {
-        if let [item, key] = seps.as_slice() {
-            opts.item_sep = item.clone();
-            opts.key_sep = key.clone();
-        }
+    if let Some(seps) = kwargs.get::<Option<Vec<String>>>("separators")?
+        && let [item, key] = seps.as_slice()
+    {
+        opts.item_sep = item.clone();
+        opts.key_sep = key.clone();
     }
     kwargs.assert_all_used()?;
     Ok(Value::from(dumps(value, &opts)?))
@@ -146,9 +149,6 @@ mod tests {
         )
         .unwrap();
         let m = serde_json::json!([{"role": "user", "content": "1x 2 "}]);
-        assert_eq!(
-            t.render(&m, None, false, "").unwrap(),
-            r#"2|[{"role": "user", "content": "1x 2 "}]|1"#
-        );
+        assert_eq!(t.render(&m, None, false, "").unwrap(), r#"2|[{"role": "user", "content": "1x 2 "}]|1"#);
     }
 }

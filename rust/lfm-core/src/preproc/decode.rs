@@ -80,7 +80,11 @@ fn check_header(dec: &mut impl ImageDecoder, limits: &DecodeLimits) -> Result<Im
     }
     let bytes = width as u64 * height as u64 * 4;
     if bytes > limits.max_decoded_bytes {
-        return Err(Error::ImageTooLarge { field: "decoded size in bytes", value: bytes, limit: limits.max_decoded_bytes });
+        return Err(Error::ImageTooLarge {
+            field: "decoded size in bytes",
+            value: bytes,
+            limit: limits.max_decoded_bytes,
+        });
     }
     if width == 0 || height == 0 {
         return Err(Error::ImageTooSmall { width, height });
@@ -122,9 +126,11 @@ fn to_rgb(img: DynamicImage) -> RgbImage {
     let data = match img {
         DynamicImage::ImageRgb8(b) => b.into_raw(),
         DynamicImage::ImageRgb16(b) => b.into_raw().iter().map(|v| (v >> 8) as u8).collect(),
-        DynamicImage::ImageRgba16(b) => {
-            b.into_raw().chunks_exact(4).flat_map(|p| [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8]).collect()
-        }
+        DynamicImage::ImageRgba16(b) => b
+            .into_raw()
+            .chunks_exact(4)
+            .flat_map(|p| [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8])
+            .collect(),
         DynamicImage::ImageLuma16(b) => b.into_raw().iter().flat_map(|v| [(v >> 8) as u8; 3]).collect(),
         DynamicImage::ImageLumaA16(b) => b.into_raw().chunks_exact(2).flat_map(|p| [(p[0] >> 8) as u8; 3]).collect(),
         other => other.to_rgb8().into_raw(),

@@ -4,8 +4,8 @@
 
 use crate::error::Result;
 
-use super::plan::{Geometry, TileGrid};
 use super::RgbImage;
+use super::plan::{Geometry, TileGrid};
 use super::resize::resize;
 
 /// Model-ready tensors for one image.
@@ -54,10 +54,7 @@ pub fn preprocess_padded(image: &RgbImage, grid: &TileGrid, padding: Padding) ->
     // Entries as (source image, x0, y0, h, w): crops of the resized canvas, then the thumbnail.
     let (th, tw) = grid.tile;
     let canvas = resize(image, grid.cols * tw, grid.rows * th);
-    let thumb = match grid.thumbnail {
-        Some((h, w)) => Some(resize(image, w, h)),
-        None => None,
-    };
+    let thumb = grid.thumbnail.map(|(h, w)| resize(image, w, h));
     let mut entries: Vec<(&RgbImage, usize, usize, usize, usize)> = Vec::with_capacity(grid.num_entries());
     for r in 0..grid.rows {
         for c in 0..grid.cols {

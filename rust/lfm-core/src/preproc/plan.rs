@@ -96,11 +96,8 @@ impl TileGrid {
     /// Structural tokens around the image tokens: start/end, one marker per tile, and the
     /// thumbnail marker.
     pub fn num_structural_tokens(&self) -> usize {
-        let markers = if self.is_multi_tile() {
-            self.rows * self.cols + usize::from(self.thumbnail.is_some())
-        } else {
-            0
-        };
+        let markers =
+            if self.is_multi_tile() { self.rows * self.cols + usize::from(self.thumbnail.is_some()) } else { 0 };
         2 + markers
     }
 
@@ -190,8 +187,7 @@ pub fn plan(width: u32, height: u32, budget: &ImageBudget) -> Result<TileGrid> {
     let splitting = !(budget.min_tiles == 1 && budget.max_tiles == 1);
     if splitting && is_too_large(h, w, budget) {
         let (cols, rows) = closest_grid(w, h, budget);
-        let thumbnail =
-            if budget.use_thumbnail && rows * cols != 1 { Some(check(resized)?) } else { None };
+        let thumbnail = if budget.use_thumbnail && rows * cols != 1 { Some(check(resized)?) } else { None };
         Ok(TileGrid { rows, cols, tile: (g.tile_size, g.tile_size), thumbnail })
     } else {
         Ok(TileGrid { rows: 1, cols: 1, tile: check(resized)?, thumbnail: None })
@@ -210,11 +206,14 @@ mod tests {
         assert_eq!(round_by_factor(81, 32), 96);
     }
 
-    /// (w, h, budget) -> (rows, cols, tile, thumbnail), from the seed crate's parity table.
+    /// (rows, cols, tile, thumbnail)
+    type Expected = (usize, usize, (usize, usize), Option<(usize, usize)>);
+
+    /// (w, h, budget) -> expected plan, from the seed crate's parity table.
     #[test]
     fn parity_table() {
         let q = ImageBudget::quality();
-        let cases: &[(u32, u32, ImageBudget, (usize, usize, (usize, usize), Option<(usize, usize)>))] = &[
+        let cases: &[(u32, u32, ImageBudget, Expected)] = &[
             (256, 256, q, (1, 1, (256, 256), None)),
             (1024, 1024, q, (2, 2, (512, 512), Some((512, 512)))),
             (723, 724, q, (2, 2, (512, 512), Some((512, 480)))),

@@ -37,10 +37,10 @@ impl Taps {
             let xsize = (((center + support + 0.5) as i64).min(in_size as i64) - xmin).clamp(0, max_len as i64);
             let row = &mut wf[i * max_len..(i + 1) * max_len];
             let mut total = 0f64;
-            for j in 0..xsize as usize {
+            for (j, slot) in row.iter_mut().take(xsize as usize).enumerate() {
                 let x = (j as f64 + xmin as f64 - center + 0.5) * invscale;
                 let w = (1.0 - x.abs()).max(0.0);
-                row[j] = w;
+                *slot = w;
                 total += w;
             }
             if total != 0.0 {

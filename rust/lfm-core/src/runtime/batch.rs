@@ -161,8 +161,13 @@ impl Model {
             return Ok(());
         }
         let rows = self.batch_rows(batch)?;
-        let (rows, lens): (Vec<_>, Vec<_>) =
-            rows.into_iter().zip(batch.lens.iter().copied()).enumerate().filter(|(i, _)| !remove.contains(i)).map(|(_, x)| x).unzip();
+        let (rows, lens): (Vec<_>, Vec<_>) = rows
+            .into_iter()
+            .zip(batch.lens.iter().copied())
+            .enumerate()
+            .filter(|(i, _)| !remove.contains(i))
+            .map(|(_, x)| x)
+            .unzip();
         *batch = if rows.is_empty() { self.batch_new() } else { self.assemble(rows, lens)? };
         Ok(())
     }
@@ -188,11 +193,14 @@ impl Model {
         }
         let mask = i64_value(STAGE, &[b, total], mask)?;
         let names = super::model::cache_input_names(&s.layers);
-        let mut inputs: Vec<(&str, SessionInputValue<'_>)> = vec![("inputs_embeds", x.into()), ("attention_mask", mask.into())];
+        let mut inputs: Vec<(&str, SessionInputValue<'_>)> =
+            vec![("inputs_embeds", x.into()), ("attention_mask", mask.into())];
         let mut name_iter = names.iter();
         for layer in &batch.layers {
             match layer {
-                LayerCache::Conv { state } => inputs.push((name_iter.next().map(String::as_str).unwrap_or_default(), state.into())),
+                LayerCache::Conv { state } => {
+                    inputs.push((name_iter.next().map(String::as_str).unwrap_or_default(), state.into()))
+                }
                 LayerCache::Attention { key, value } => {
                     inputs.push((name_iter.next().map(String::as_str).unwrap_or_default(), key.into()));
                     inputs.push((name_iter.next().map(String::as_str).unwrap_or_default(), value.into()));
@@ -202,10 +210,14 @@ impl Model {
         let (logits, presents) = self.run_decoder(inputs)?;
         let (shape, all) = read_floats(STAGE, &logits, None)?;
         if shape.len() != 3 || shape[0] as usize != b || shape[2] as usize != s.vocab {
-            return Err(Error::inference(STAGE, format!("logits have shape {shape:?}, expected [{b}, 1, {}]", s.vocab)));
+            return Err(Error::inference(
+                STAGE,
+                format!("logits have shape {shape:?}, expected [{b}, 1, {}]", s.vocab),
+            ));
         }
         let per_row = shape[1] as usize * s.vocab;
-        let rows: Vec<Vec<f32>> = (0..b).map(|r| all[(r + 1) * per_row - s.vocab..(r + 1) * per_row].to_vec()).collect();
+        let rows: Vec<Vec<f32>> =
+            (0..b).map(|r| all[(r + 1) * per_row - s.vocab..(r + 1) * per_row].to_vec()).collect();
         for row in &rows {
             super::tensor::check_finite(STAGE, row)?;
         }

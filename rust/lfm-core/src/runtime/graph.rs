@@ -126,8 +126,13 @@ impl Graph {
             let available = ep.is_available().unwrap_or(false);
             let registered = available && ep.register(&mut builder).is_ok();
             if !registered {
-                let why = if available { "it failed to start (driver or libraries missing?)" } else { "this ONNX Runtime build does not include it (install onnxruntime-gpu for CUDA/TensorRT)" };
-                let msg = format!("execution provider `{name}` ({}) is not available: {why}; using the CPU", ort_name(name));
+                let why = if available {
+                    "it failed to start (driver or libraries missing?)"
+                } else {
+                    "this ONNX Runtime build does not include it (install onnxruntime-gpu for CUDA/TensorRT)"
+                };
+                let msg =
+                    format!("execution provider `{name}` ({}) is not available: {why}; using the CPU", ort_name(name));
                 if !warnings.contains(&msg) {
                     warnings.push(msg);
                 }
@@ -179,8 +184,13 @@ impl Graph {
     }
 
     /// Runs the graph on named inputs; returns every output, owned, in graph order.
-    pub fn run(&self, stage: &'static str, inputs: Vec<(&str, ort::session::SessionInputValue<'_>)>) -> Result<Vec<(String, DynValue)>> {
-        let mut session = self.session.lock().map_err(|_| Error::Internal(format!("{stage}: session lock poisoned")))?;
+    pub fn run(
+        &self,
+        stage: &'static str,
+        inputs: Vec<(&str, ort::session::SessionInputValue<'_>)>,
+    ) -> Result<Vec<(String, DynValue)>> {
+        let mut session =
+            self.session.lock().map_err(|_| Error::Internal(format!("{stage}: session lock poisoned")))?;
         let mut out = session.run(inputs).map_err(|e| Error::inference(stage, e))?;
         self.outputs
             .iter()

@@ -11,8 +11,8 @@ use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
 
-pub use graph::SessionConfig;
 pub use batch::{BatchCache, BatchSemantics};
+pub use graph::SessionConfig;
 pub use model::{GraphPaths, HybridCache, LayerKind, Model, ModelSpec};
 
 static ORT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();

@@ -119,7 +119,10 @@ fn discover_layers(dec: &Graph) -> Result<Vec<LayerKind>> {
         let parsed = if let Some(i) = n.strip_prefix("past_conv.") {
             i.parse().ok().map(|i| (i, LayerKind::Conv))
         } else if let Some(rest) = n.strip_prefix("past_key_values.") {
-            rest.strip_suffix(".key").or_else(|| rest.strip_suffix(".value")).and_then(|i| i.parse().ok()).map(|i| (i, LayerKind::Attention))
+            rest.strip_suffix(".key")
+                .or_else(|| rest.strip_suffix(".value"))
+                .and_then(|i| i.parse().ok())
+                .map(|i| (i, LayerKind::Attention))
         } else {
             None
         };
@@ -134,7 +137,9 @@ fn discover_layers(dec: &Graph) -> Result<Vec<LayerKind>> {
         }
     }
     if kinds.is_empty() {
-        return Err(dec.error("no cache inputs (past_conv.N / past_key_values.N.key): not an LFM2 decoder with a cache"));
+        return Err(
+            dec.error("no cache inputs (past_conv.N / past_key_values.N.key): not an LFM2 decoder with a cache")
+        );
     }
     kinds
         .into_iter()
@@ -180,12 +185,15 @@ impl Model {
         let pv = vision.expect_float(vision.input("pixel_values"), "pixel_values", 3, "[batch, patches, patch_dim]")?;
         vision.expect_int64(vision.input("pixel_attention_mask"), "pixel_attention_mask", 2, "[batch, patches]")?;
         vision.expect_int64(vision.input("spatial_shapes"), "spatial_shapes", 2, "[batch, 2]")?;
-        let feats = vision.expect_float(vision.output("image_features"), "image_features", 2, "[image_tokens, hidden]")?;
+        let feats =
+            vision.expect_float(vision.output("image_features"), "image_features", 2, "[image_tokens, hidden]")?;
         let patch_dim = vision.width(&pv, 2, "patch values")?;
         // Checked against the decoder's width below when declared, else at run time.
         let vision_hidden = feats.fixed(1);
         if vision.inputs.len() != 3 {
-            return Err(vision.error(format!("expected 3 inputs, found {}: is this the vision encoder?", vision.inputs.len())));
+            return Err(
+                vision.error(format!("expected 3 inputs, found {}: is this the vision encoder?", vision.inputs.len()))
+            );
         }
 
         // embed_tokens
@@ -209,7 +217,9 @@ impl Model {
         let (mut conv_float, mut kv_float): (Option<FloatType>, Option<FloatType>) = (None, None);
         let agree = |port: &Port, got: (usize, usize), slot: &mut Option<(usize, usize)>| -> Result<()> {
             match *slot {
-                Some(want) if want != got => Err(dec.error(format!("`{}` has widths {got:?}, other layers {want:?}", port.name))),
+                Some(want) if want != got => {
+                    Err(dec.error(format!("`{}` has widths {got:?}, other layers {want:?}", port.name)))
+                }
                 _ => {
                     *slot = Some(got);
                     Ok(())
@@ -278,7 +288,10 @@ impl Model {
     pub fn encode_image(&self, pre: &PreprocessedImage) -> Result<Vec<f32>> {
         const STAGE: &str = "vision_encoder";
         if pre.patch_dim != self.spec.patch_dim {
-            return Err(Error::inference(STAGE, format!("patches have {} values, the graph takes {}", pre.patch_dim, self.spec.patch_dim)));
+            return Err(Error::inference(
+                STAGE,
+                format!("patches have {} values, the graph takes {}", pre.patch_dim, self.spec.patch_dim),
+            ));
         }
         let (n, p) = (pre.num_entries, pre.patches_per_entry);
         let pv = float_value(STAGE, self.spec.vision_float, &[n, p, pre.patch_dim], pre.pixel_values.clone())?;
@@ -291,7 +304,10 @@ impl Model {
         let (shape, feats) = read_floats(STAGE, &out[0].1, None)?;
         let want = pre.grid.num_image_tokens();
         if shape.len() != 2 || shape[0] as usize != want || shape[1] as usize != self.spec.hidden {
-            return Err(Error::inference(STAGE, format!("image_features has shape {shape:?}, expected [{want}, {}]", self.spec.hidden)));
+            return Err(Error::inference(
+                STAGE,
+                format!("image_features has shape {shape:?}, expected [{want}, {}]", self.spec.hidden),
+            ));
         }
         check_finite(STAGE, &feats)?;
         Ok(feats)
@@ -320,7 +336,12 @@ impl Model {
             .map(|k| {
                 Ok(match k {
                     LayerKind::Conv => LayerCache::Conv {
-                        state: float_value(STAGE, s.conv_float, &[1, s.conv_channels, s.conv_width], vec![0.0; s.conv_channels * s.conv_width])?,
+                        state: float_value(
+                            STAGE,
+                            s.conv_float,
+                            &[1, s.conv_channels, s.conv_width],
+                            vec![0.0; s.conv_channels * s.conv_width],
+                        )?,
                     },
                     LayerKind::Attention => LayerCache::Attention {
                         key: float_value(STAGE, s.kv_float, &[1, s.kv_heads, 0, s.head_dim], Vec::new())?,
@@ -333,7 +354,10 @@ impl Model {
     }
 
     /// Runs the decoder: the logits output and the new per-layer cache.
-    pub(crate) fn run_decoder(&self, inputs: Vec<(&str, SessionInputValue<'_>)>) -> Result<(DynValue, Vec<LayerCache>)> {
+    pub(crate) fn run_decoder(
+        &self,
+        inputs: Vec<(&str, SessionInputValue<'_>)>,
+    ) -> Result<(DynValue, Vec<LayerCache>)> {
         const STAGE: &str = "decoder";
         let outputs = self.decoder.run(STAGE, inputs)?;
         let mut logits = None;
@@ -346,7 +370,9 @@ impl Model {
             }
         }
         let logits = logits.ok_or_else(|| Error::inference(STAGE, "no logits"))?;
-        let mut take = |name: String| by_name.remove(&name).ok_or_else(|| Error::inference(STAGE, format!("output `{name}` missing")));
+        let mut take = |name: String| {
+            by_name.remove(&name).ok_or_else(|| Error::inference(STAGE, format!("output `{name}` missing")))
+        };
         let layers = self
             .spec
             .layers
@@ -373,11 +399,14 @@ impl Model {
         let x = float_value(STAGE, s.embeds_float, &[1, seq, s.hidden], embeds)?;
         let mask = i64_value(STAGE, &[1, total], vec![1; total])?;
         let names = cache_input_names(&s.layers);
-        let mut inputs: Vec<(&str, SessionInputValue<'_>)> = vec![("inputs_embeds", x.into()), ("attention_mask", mask.into())];
+        let mut inputs: Vec<(&str, SessionInputValue<'_>)> =
+            vec![("inputs_embeds", x.into()), ("attention_mask", mask.into())];
         let mut name_iter = names.iter();
         for layer in &cache.layers {
             match layer {
-                LayerCache::Conv { state } => inputs.push((name_iter.next().map(String::as_str).unwrap_or_default(), state.into())),
+                LayerCache::Conv { state } => {
+                    inputs.push((name_iter.next().map(String::as_str).unwrap_or_default(), state.into()))
+                }
                 LayerCache::Attention { key, value } => {
                     inputs.push((name_iter.next().map(String::as_str).unwrap_or_default(), key.into()));
                     inputs.push((name_iter.next().map(String::as_str).unwrap_or_default(), value.into()));
@@ -388,7 +417,10 @@ impl Model {
         let last = (seq - 1) * s.vocab..seq * s.vocab;
         let (shape, row) = read_floats(STAGE, &logits, Some(last))?;
         if shape.len() != 3 || shape[1] as usize != seq || shape[2] as usize != s.vocab {
-            return Err(Error::inference(STAGE, format!("logits have shape {shape:?}, expected [1, {seq}, {}]", s.vocab)));
+            return Err(Error::inference(
+                STAGE,
+                format!("logits have shape {shape:?}, expected [1, {seq}, {}]", s.vocab),
+            ));
         }
         check_finite(STAGE, &row)?;
         cache.layers = layers;

@@ -112,7 +112,8 @@ mod tests {
 
     #[test]
     fn lists_the_tiny_decoder_ops() {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/tiny6/onnx/decoder_model_merged.onnx");
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models/tiny6/onnx/decoder_model_merged.onnx");
         let ops = graph_ops(&p).unwrap();
         assert!(ops.iter().any(|(_, op)| op == "MatMul"));
         assert!(ops.iter().any(|(_, op)| op == "Softmax"));

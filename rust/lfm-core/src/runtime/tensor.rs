@@ -57,13 +57,17 @@ pub fn read_floats(
         Some(FloatType::F32) => {
             let (shape, data) = value.try_extract_tensor::<f32>().map_err(ort_err(stage))?;
             let r = pick(data.len());
-            let slice = data.get(r.clone()).ok_or_else(|| Error::inference(stage, format!("output has {} elements, wanted {r:?}", data.len())))?;
+            let slice = data
+                .get(r.clone())
+                .ok_or_else(|| Error::inference(stage, format!("output has {} elements, wanted {r:?}", data.len())))?;
             Ok((shape.to_vec(), slice.to_vec()))
         }
         Some(FloatType::F16) => {
             let (shape, data) = value.try_extract_tensor::<f16>().map_err(ort_err(stage))?;
             let r = pick(data.len());
-            let slice = data.get(r.clone()).ok_or_else(|| Error::inference(stage, format!("output has {} elements, wanted {r:?}", data.len())))?;
+            let slice = data
+                .get(r.clone())
+                .ok_or_else(|| Error::inference(stage, format!("output has {} elements, wanted {r:?}", data.len())))?;
             Ok((shape.to_vec(), slice.iter().map(|v| v.to_f32()).collect()))
         }
         None => Err(Error::inference(stage, format!("expected a float output, got {:?}", value.dtype()))),
