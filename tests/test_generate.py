@@ -138,3 +138,28 @@ def test_widths_are_read_from_the_graphs() -> None:
     assert (a["hidden"], a["vocab"], a["num_layers"], a["kv_heads"], a["head_dim"]) == (64, 1024, 16, 2, 16)
     assert (b["hidden"], b["vocab"], b["num_layers"], b["kv_heads"], b["head_dim"]) == (96, 896, 6, 1, 24)
     assert b["layer_types"] == ["conv", "conv", "attention", "conv", "attention", "conv"]
+
+
+def test_lm_head_slice_changes_nothing() -> None:
+    """The engine moves the decoder's LM head behind a slice of the last position (the
+    prompt's other logits are never used); results equal the unmodified graph's."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys, numpy as np, lfm\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from conftest import grad\n"
+        f"e = lfm.Engine.from_dir({str(MODELS / 'tiny16')!r})\n"
+        "l = e.next_token_logits('Describe this image.', [grad(300, 400)])\n"
+        "g = e.generate('Describe this image.', [grad(300, 400)], {'max_new_tokens': 12})\n"
+        "print(json.dumps([l.tolist(), list(g.token_ids)]))\n"
+    )
+    env_sliced = dict(__import__("os").environ)
+    env_plain = dict(env_sliced, LFM_NO_LOGITS_SLICE="1")
+    root = str(MODELS.parents[2])
+    a = json.loads(subprocess.run([sys.executable, "-c", code], env=env_sliced, cwd=root, capture_output=True, text=True, check=True).stdout)
+    b = json.loads(subprocess.run([sys.executable, "-c", code], env=env_plain, cwd=root, capture_output=True, text=True, check=True).stdout)
+    assert a[1] == b[1]
+    assert max(abs(x - y) for x, y in zip(a[0], b[0])) <= 1e-5

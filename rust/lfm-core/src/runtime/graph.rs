@@ -106,6 +106,17 @@ impl Graph {
     /// Loads a graph; `warnings` receives what could not be honoured (a requested
     /// execution provider that is not available, so the CPU runs that graph).
     pub fn load(path: &Path, config: &SessionConfig, warnings: &mut Vec<String>) -> Result<Graph> {
+        Self::load_with(path, config, warnings, None)
+    }
+
+    /// Loads a graph from `model` (a rewritten copy of `path`'s graph whose weights refer
+    /// to files next to `path`), or from `path` itself when `model` is `None`.
+    pub fn load_with(
+        path: &Path,
+        config: &SessionConfig,
+        warnings: &mut Vec<String>,
+        model: Option<&[u8]>,
+    ) -> Result<Graph> {
         if !path.exists() {
             return Err(Error::NotFound { path: path.to_path_buf() });
         }
@@ -138,7 +149,16 @@ impl Graph {
                 }
             }
         }
-        let session = builder.commit_from_file(path).map_err(load_err)?;
+        let session = match model {
+            Some(bytes) => {
+                let folder = path.parent().unwrap_or(Path::new(".")).to_string_lossy().into_owned();
+                builder = builder
+                    .with_config_entry("session.model_external_initializers_file_folder_path", folder)
+                    .map_err(|e| load_err(e.into()))?;
+                builder.commit_from_memory(bytes).map_err(load_err)?
+            }
+            None => builder.commit_from_file(path).map_err(load_err)?,
+        };
         let inputs = session.inputs().iter().map(|o| Port::from_outlet(o.name(), o.dtype())).collect();
         let outputs = session.outputs().iter().map(|o| Port::from_outlet(o.name(), o.dtype())).collect();
         Ok(Graph { path: path.to_path_buf(), inputs, outputs, session: Mutex::new(session) })

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::preproc::PreprocessedImage;
 
 use super::graph::{Graph, Port, SessionConfig};
-use super::tensor::{FloatType, check_finite, float_value, i64_value, read_floats};
+use super::tensor::{FloatType, check_finite, float_dims, float_value, i64_value, read_floats};
 
 /// Where the three graph files are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,7 +169,16 @@ impl Model {
         let mut warnings = Vec::new();
         let vision = Graph::load(&paths.vision_encoder, config, &mut warnings)?;
         let embed = Graph::load(&paths.embed_tokens, config, &mut warnings)?;
-        let decoder = Graph::load(&paths.decoder, config, &mut warnings)?;
+        // The decoder returns logits for every position; after the prompt only the last
+        // row is used, so the LM head is moved behind a slice of the last position when
+        // the graph allows it (saves the head's compute over the prompt and its output).
+        let sliced = if std::env::var_os("LFM_NO_LOGITS_SLICE").is_some() {
+            None
+        } else {
+            super::onnx_proto::slice_lm_head(&paths.decoder)?
+        };
+        let decoder = Graph::load_with(&paths.decoder, config, &mut warnings, sliced.as_deref())?;
+        drop(sliced);
         let mut spec = Self::check_contracts(&vision, &embed, &decoder)?;
         // GroupQueryAttention takes each row's length from its mask row; anything else is
         // assumed to derive positions from the cache width.
@@ -414,9 +423,10 @@ impl Model {
             }
         }
         let (logits, layers) = self.run_decoder(inputs)?;
-        let last = (seq - 1) * s.vocab..seq * s.vocab;
-        let (shape, row) = read_floats(STAGE, &logits, Some(last))?;
-        if shape.len() != 3 || shape[1] as usize != seq || shape[2] as usize != s.vocab {
+        // All positions, or only the last one when the LM head was moved behind a slice.
+        let rows = float_dims(STAGE, &logits)?.get(1).copied().unwrap_or(0).max(0) as usize;
+        let (shape, row) = read_floats(STAGE, &logits, Some(rows.saturating_sub(1) * s.vocab..rows * s.vocab))?;
+        if shape.len() != 3 || !(rows == seq || rows == 1) || shape[2] as usize != s.vocab {
             return Err(Error::inference(
                 STAGE,
                 format!("logits have shape {shape:?}, expected [1, {seq}, {}]", s.vocab),

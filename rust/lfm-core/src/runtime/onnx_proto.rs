@@ -60,6 +60,14 @@ impl<R: Read + Seek> Wire<R> {
         Ok(())
     }
 
+    /// A whole length-delimited body.
+    fn bytes_exact(&mut self) -> std::io::Result<Vec<u8>> {
+        let n = self.varint()?.unwrap_or(0) as usize;
+        let mut v = vec![0; n];
+        self.r.read_exact(&mut v)?;
+        Ok(v)
+    }
+
     fn bytes(&mut self) -> std::io::Result<Vec<u8>> {
         let n = self.varint()?.unwrap_or(0) as usize;
         let mut v = vec![0; n.min(1 << 20)];
@@ -106,6 +114,368 @@ pub fn graph_ops(path: &Path) -> Result<Vec<(String, String)>> {
     Err(Error::model_load(path, "not an ONNX model: no graph"))
 }
 
+// ---------------------------------------------------------------------------------------
+// Rewriting the decoder so that the LM head runs on the last position only.
+// ---------------------------------------------------------------------------------------
+
+const GRAPH_INITIALIZER: u64 = 5;
+const GRAPH_OUTPUT: u64 = 12;
+const NODE_INPUT: u64 = 1;
+const NODE_OUTPUT: u64 = 2;
+const TENSOR_NAME: u64 = 8;
+const TENSOR_RAW_DATA: u64 = 9;
+const TENSOR_EXTERNAL_DATA: u64 = 13;
+const TENSOR_DATA_LOCATION: u64 = 14;
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, field: u64, data: &[u8]) {
+    put_varint(out, field << 3 | 2);
+    put_varint(out, data.len() as u64);
+    out.extend_from_slice(data);
+}
+
+fn put_varint_field(out: &mut Vec<u8>, field: u64, v: u64) {
+    put_varint(out, field << 3);
+    put_varint(out, v);
+}
+
+/// One field of a message read into memory: its number, wire type, and encoded bytes
+/// (tag included), plus the payload of a length-delimited field.
+struct Field {
+    number: u64,
+    wire: u8,
+    encoded: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+fn parse_fields(buf: &[u8]) -> Option<Vec<Field>> {
+    let mut out = Vec::new();
+    let mut w = Wire { r: std::io::Cursor::new(buf) };
+    let end = buf.len() as u64;
+    while let Some((number, wire)) = w.field(end).ok()? {
+        let start_tag = {
+            // Re-encode the tag (the cursor is past it).
+            let mut t = Vec::new();
+            put_varint(&mut t, number << 3 | u64::from(wire));
+            t
+        };
+        let body_start = w.r.position() as usize;
+        let payload = if wire == 2 {
+            let n = w.varint().ok()?? as usize;
+            let p0 = w.r.position() as usize;
+            let p = buf.get(p0..p0 + n)?.to_vec();
+            w.r.set_position((p0 + n) as u64);
+            p
+        } else {
+            w.skip(wire).ok()?;
+            Vec::new()
+        };
+        let body_end = w.r.position() as usize;
+        let mut encoded = start_tag;
+        encoded.extend_from_slice(buf.get(body_start..body_end)?);
+        out.push(Field { number, wire, encoded, payload });
+    }
+    Some(out)
+}
+
+fn strings(fields: &[Field], number: u64) -> Vec<String> {
+    fields
+        .iter()
+        .filter(|f| f.number == number && f.wire == 2)
+        .map(|f| String::from_utf8_lossy(&f.payload).into_owned())
+        .collect()
+}
+
+fn int64_tensor(name: &str, values: &[i64]) -> Vec<u8> {
+    let mut t = Vec::new();
+    put_varint_field(&mut t, 1, values.len() as u64); // dims
+    put_varint_field(&mut t, 2, 7); // data_type INT64
+    let mut packed = Vec::new();
+    for &v in values {
+        put_varint(&mut packed, v as u64);
+    }
+    put_bytes(&mut t, 7, &packed); // int64_data (packed)
+    put_bytes(&mut t, TENSOR_NAME, name.as_bytes());
+    t
+}
+
+fn node(op: &str, inputs: &[&str], outputs: &[&str], name: &str) -> Vec<u8> {
+    let mut n = Vec::new();
+    for i in inputs {
+        put_bytes(&mut n, NODE_INPUT, i.as_bytes());
+    }
+    for o in outputs {
+        put_bytes(&mut n, NODE_OUTPUT, o.as_bytes());
+    }
+    put_bytes(&mut n, 3, name.as_bytes());
+    put_bytes(&mut n, NODE_OP_TYPE, op.as_bytes());
+    n
+}
+
+/// A decoder graph whose LM head sees only the last position: its `logits` come out as
+/// `[batch, 1, vocab]`, equal to the last row of the original's. Returns the rewritten
+/// model (initializers stored inline in `path` become external references into `path`,
+/// so nothing large is copied) or `None` when the graph does not end in a position-wise
+/// matrix product (`MatMul`/`MatMulNBits` with a constant weight).
+pub fn slice_lm_head(path: &Path) -> Result<Option<Vec<u8>>> {
+    let bad = |e: std::io::Error| Error::model_load(path, format!("not an ONNX model: {e}"));
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let location = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut w = Wire { r: BufReader::new(file) };
+    let mut model = Vec::new();
+    let mut graph_fields: Option<Vec<(u64, Vec<u8>)>> = None; // (number, re-encoded field)
+    while let Some((f, wt)) = w.field(len).map_err(bad)? {
+        if f == MODEL_GRAPH && wt == 2 {
+            let n = w.varint().map_err(bad)?.unwrap_or(0);
+            let end = w.r.stream_position().map_err(bad)? + n;
+            let mut fields = Vec::new();
+            while let Some((gf, gwt)) = w.field(end).map_err(bad)? {
+                if gf == GRAPH_INITIALIZER && gwt == 2 {
+                    fields.push((gf, externalize_tensor(&mut w, &location).map_err(bad)?));
+                } else if gwt == 2 {
+                    let body = w.bytes_exact().map_err(bad)?;
+                    let mut enc = Vec::new();
+                    put_bytes(&mut enc, gf, &body);
+                    fields.push((gf, enc));
+                } else {
+                    // Scalars in a graph are rare; keep them verbatim.
+                    let mut enc = Vec::new();
+                    put_varint(&mut enc, gf << 3 | u64::from(gwt));
+                    let v = w.varint().map_err(bad)?.unwrap_or(0);
+                    if gwt != 0 {
+                        return Ok(None);
+                    }
+                    put_varint(&mut enc, v);
+                    fields.push((gf, enc));
+                }
+            }
+            graph_fields = Some(fields);
+        } else {
+            let mut enc = Vec::new();
+            put_varint(&mut enc, f << 3 | u64::from(wt));
+            match wt {
+                0 => put_varint(&mut enc, w.varint().map_err(bad)?.unwrap_or(0)),
+                2 => {
+                    let body = w.bytes_exact().map_err(bad)?;
+                    put_varint(&mut enc, body.len() as u64);
+                    enc.extend_from_slice(&body);
+                }
+                _ => return Ok(None),
+            }
+            model.push((f, enc));
+        }
+    }
+    let Some(mut graph) = graph_fields else { return Ok(None) };
+
+    // Initializer names, then the node that produces `logits`.
+    let mut constants = std::collections::HashSet::new();
+    for (n, enc) in &graph {
+        if *n == GRAPH_INITIALIZER
+            && let Some(fs) =
+                parse_fields(enc).and_then(|f| f.into_iter().next()).and_then(|f| parse_fields(&f.payload))
+        {
+            constants.extend(strings(&fs, TENSOR_NAME));
+        }
+    }
+    let mut target = None;
+    for (i, (n, enc)) in graph.iter().enumerate() {
+        if *n != GRAPH_NODE {
+            continue;
+        }
+        let Some(node_fields) =
+            parse_fields(enc).and_then(|f| f.into_iter().next()).and_then(|f| parse_fields(&f.payload))
+        else {
+            continue;
+        };
+        if strings(&node_fields, NODE_OUTPUT).iter().any(|o| o == "logits") {
+            target = Some((i, node_fields));
+            break;
+        }
+    }
+    let Some((index, node_fields)) = target else { return Ok(None) };
+    let op = strings(&node_fields, NODE_OP_TYPE).pop().unwrap_or_default();
+    let inputs = strings(&node_fields, NODE_INPUT);
+    if !matches!(op.as_str(), "MatMul" | "MatMulNBits") || inputs.len() < 2 || !constants.contains(&inputs[1]) {
+        return Ok(None);
+    }
+    // The head's input becomes the last position of its original input.
+    let sliced = "lfm_last_position_hidden";
+    let mut new_node = Vec::new();
+    let mut first_input = true;
+    for f in &node_fields {
+        if f.number == NODE_INPUT && first_input {
+            put_bytes(&mut new_node, NODE_INPUT, sliced.as_bytes());
+            first_input = false;
+        } else {
+            new_node.extend_from_slice(&f.encoded);
+        }
+    }
+    let mut enc = Vec::new();
+    put_bytes(&mut enc, GRAPH_NODE, &new_node);
+    graph[index].1 = enc;
+    let slice = node(
+        "Slice",
+        &[&inputs[0], "lfm_slice_starts", "lfm_slice_ends", "lfm_slice_axes"],
+        &[sliced],
+        "lfm_slice_last_position",
+    );
+    let mut slice_enc = Vec::new();
+    put_bytes(&mut slice_enc, GRAPH_NODE, &slice);
+    graph.insert(index, (GRAPH_NODE, slice_enc));
+    for (name, v) in [("lfm_slice_starts", -1i64), ("lfm_slice_ends", i64::MAX), ("lfm_slice_axes", 1)] {
+        let mut e = Vec::new();
+        put_bytes(&mut e, GRAPH_INITIALIZER, &int64_tensor(name, &[v]));
+        graph.push((GRAPH_INITIALIZER, e));
+    }
+
+    // Declare the new logits shape: one position.
+    for (n, enc) in graph.iter_mut() {
+        if *n != GRAPH_OUTPUT {
+            continue;
+        }
+        let Some(vi) = parse_fields(enc).and_then(|f| f.into_iter().next()).and_then(|f| parse_fields(&f.payload))
+        else {
+            continue;
+        };
+        if strings(&vi, 1).first().map(String::as_str) != Some("logits") {
+            continue;
+        }
+        let Some(rewritten) = one_position_value_info(&vi) else { return Ok(None) };
+        let mut e = Vec::new();
+        put_bytes(&mut e, GRAPH_OUTPUT, &rewritten);
+        *enc = e;
+    }
+
+    let mut graph_bytes = Vec::new();
+    for (_, enc) in &graph {
+        graph_bytes.extend_from_slice(enc);
+    }
+    let mut out = Vec::new();
+    for (f, enc) in &model {
+        if *f < MODEL_GRAPH {
+            out.extend_from_slice(enc);
+        }
+    }
+    put_bytes(&mut out, MODEL_GRAPH, &graph_bytes);
+    for (f, enc) in &model {
+        if *f > MODEL_GRAPH {
+            out.extend_from_slice(enc);
+        }
+    }
+    Ok(Some(out))
+}
+
+/// A `ValueInfoProto` (fields given) whose tensor shape has dimension 1 set to 1.
+fn one_position_value_info(vi: &[Field]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    for f in vi {
+        if f.number != 2 {
+            out.extend_from_slice(&f.encoded);
+            continue;
+        }
+        // TypeProto -> tensor_type (1) -> shape (2) -> dim (1, repeated).
+        let mut ty = Vec::new();
+        for tf in parse_fields(&f.payload)? {
+            if tf.number != 1 {
+                ty.extend_from_slice(&tf.encoded);
+                continue;
+            }
+            let mut tensor = Vec::new();
+            for sf in parse_fields(&tf.payload)? {
+                if sf.number != 2 {
+                    tensor.extend_from_slice(&sf.encoded);
+                    continue;
+                }
+                let mut shape = Vec::new();
+                let mut i = 0;
+                for df in parse_fields(&sf.payload)? {
+                    if df.number == 1 {
+                        if i == 1 {
+                            let mut dim = Vec::new();
+                            put_varint_field(&mut dim, 1, 1);
+                            put_bytes(&mut shape, 1, &dim);
+                        } else {
+                            shape.extend_from_slice(&df.encoded);
+                        }
+                        i += 1;
+                    } else {
+                        shape.extend_from_slice(&df.encoded);
+                    }
+                }
+                put_bytes(&mut tensor, 2, &shape);
+            }
+            put_bytes(&mut ty, 1, &tensor);
+        }
+        put_bytes(&mut out, 2, &ty);
+    }
+    Some(out)
+}
+
+/// Reads one `TensorProto` field body (length prefix next) and re-encodes it as a graph
+/// initializer field whose inline `raw_data` is replaced by an external reference to the
+/// same bytes of `location`.
+fn externalize_tensor<R: Read + Seek>(w: &mut Wire<R>, location: &str) -> std::io::Result<Vec<u8>> {
+    let n = w.varint()?.unwrap_or(0);
+    let start = w.r.stream_position()?;
+    let end = start + n;
+    let mut tensor = Vec::new();
+    let mut raw: Option<(u64, u64)> = None;
+    while let Some((f, wt)) = w.field(end)? {
+        if f == TENSOR_RAW_DATA && wt == 2 {
+            let len = w.varint()?.unwrap_or(0);
+            let offset = w.r.stream_position()?;
+            w.r.seek(SeekFrom::Current(len as i64))?;
+            raw = Some((offset, len));
+            continue;
+        }
+        put_varint(&mut tensor, f << 3 | u64::from(wt));
+        match wt {
+            0 => put_varint(&mut tensor, w.varint()?.unwrap_or(0)),
+            1 => {
+                let mut b = [0u8; 8];
+                w.r.read_exact(&mut b)?;
+                tensor.extend_from_slice(&b);
+            }
+            5 => {
+                let mut b = [0u8; 4];
+                w.r.read_exact(&mut b)?;
+                tensor.extend_from_slice(&b);
+            }
+            2 => {
+                let body = w.bytes_exact()?;
+                put_varint(&mut tensor, body.len() as u64);
+                tensor.extend_from_slice(&body);
+            }
+            _ => return Err(std::io::ErrorKind::InvalidData.into()),
+        }
+    }
+    if let Some((offset, len)) = raw {
+        for (k, v) in [("location", location.to_string()), ("offset", offset.to_string()), ("length", len.to_string())]
+        {
+            let mut entry = Vec::new();
+            put_bytes(&mut entry, 1, k.as_bytes());
+            put_bytes(&mut entry, 2, v.as_bytes());
+            put_bytes(&mut tensor, TENSOR_EXTERNAL_DATA, &entry);
+        }
+        put_varint_field(&mut tensor, TENSOR_DATA_LOCATION, 1);
+    }
+    let mut out = Vec::new();
+    put_bytes(&mut out, GRAPH_INITIALIZER, &tensor);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +488,18 @@ mod tests {
         assert!(ops.iter().any(|(_, op)| op == "MatMul"));
         assert!(ops.iter().any(|(_, op)| op == "Softmax"));
         assert!(!ops.iter().any(|(_, op)| op == "GroupQueryAttention"));
+    }
+
+    #[test]
+    fn slices_the_lm_head_of_decoders_only() {
+        let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
+        for m in ["tiny16", "tiny6", "tiny16-gqa"] {
+            let path = models.join(m).join("onnx/decoder_model_merged.onnx");
+            let bytes = slice_lm_head(&path).unwrap().unwrap();
+            // Mostly graph structure: the initializers' bytes stay in the original file.
+            let size = std::fs::metadata(&path).unwrap().len() as usize;
+            assert!(bytes.len() < size / 5, "{m}: {} of {size} bytes", bytes.len());
+        }
+        assert!(slice_lm_head(&models.join("tiny16/onnx/embed_tokens.onnx")).unwrap().is_none());
     }
 }

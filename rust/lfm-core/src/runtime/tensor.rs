@@ -74,6 +74,15 @@ pub fn read_floats(
     }
 }
 
+/// The actual dims of a float output (no copy).
+pub fn float_dims(stage: &'static str, value: &DynValue) -> Result<Vec<i64>> {
+    match value.dtype().tensor_type().and_then(FloatType::from_ort) {
+        Some(FloatType::F32) => Ok(value.try_extract_tensor::<f32>().map_err(ort_err(stage))?.0.to_vec()),
+        Some(FloatType::F16) => Ok(value.try_extract_tensor::<f16>().map_err(ort_err(stage))?.0.to_vec()),
+        None => Err(Error::inference(stage, format!("expected a float output, got {:?}", value.dtype()))),
+    }
+}
+
 /// Fails when any value is NaN or infinite: a broken graph or variant must not produce
 /// text silently.
 pub fn check_finite(stage: &'static str, data: &[f32]) -> Result<()> {
