@@ -159,7 +159,15 @@ def test_lm_head_slice_changes_nothing() -> None:
     env_sliced = dict(__import__("os").environ)
     env_plain = dict(env_sliced, LFM_NO_LOGITS_SLICE="1")
     root = str(MODELS.parents[2])
-    a = json.loads(subprocess.run([sys.executable, "-c", code], env=env_sliced, cwd=root, capture_output=True, text=True, check=True).stdout)
-    b = json.loads(subprocess.run([sys.executable, "-c", code], env=env_plain, cwd=root, capture_output=True, text=True, check=True).stdout)
+    a = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", code], env=env_sliced, cwd=root, capture_output=True, text=True, check=True
+        ).stdout
+    )
+    b = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", code], env=env_plain, cwd=root, capture_output=True, text=True, check=True
+        ).stdout
+    )
     assert a[1] == b[1]
     assert max(abs(x - y) for x, y in zip(a[0], b[0])) <= 1e-5

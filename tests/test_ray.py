@@ -1,0 +1,41 @@
+"""lfm.integrations.ray on a local Ray instance (one CPU) over the tiny model; skipped
+when Ray is not installed (pip install 'lfm[ray]')."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import IMAGES, MODELS
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray():  # type: ignore[no-untyped-def]
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+def test_map_batches_over_images(local_ray) -> None:  # type: ignore[no-untyped-def]
+    from lfm.integrations.ray import LfmPredictor
+
+    paths = [str(IMAGES / n) for n in ("grad_64x48.png", "grad_120x80.jpg", "exif_6.jpg")]
+    blobs = [{"path": p, "bytes": open(p, "rb").read()} for p in paths] + [{"path": "junk", "bytes": b"junk"}]
+    ds = ray.data.from_items(blobs)
+    out = ds.map_batches(
+        LfmPredictor,
+        fn_constructor_kwargs={
+            "model": str(MODELS / "tiny16"),
+            "task": "image-analysis",
+            "options": {"max_new_tokens": 300, "temperature": 1.0, "seed": 1},
+        },
+        concurrency=1,
+        batch_size=2,
+        num_cpus=1,
+    ).take_all()
+    assert [r["path"] for r in out] == [*paths, "junk"]
+    assert out[-1]["error"].startswith("ImageError")
+    for r in out[:-1]:
+        assert r["error"] or json.loads(r["output"])
