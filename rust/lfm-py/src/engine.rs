@@ -240,6 +240,21 @@ impl PyEngine {
 }
 
 impl PyEngine {
+    /// Parses the options, resolves the files and loads the engine with the GIL released.
+    fn load(
+        py: Python<'_>,
+        options_json: &str,
+        files: impl FnOnce(&lfm_core::options::Variant) -> lfm_core::Result<ModelFiles> + Send,
+    ) -> PyResult<Self> {
+        let opts: EngineOptions = options::from_json("engine", options_json).map_err(|e| to_py_err(py, e))?;
+        let engine = detached(py, move || {
+            let files = files(&opts.variant)?;
+            CoreEngine::load(&files, opts)
+        })?;
+        let inner = Arc::new(engine);
+        Ok(PyEngine { scheduler: Scheduler::start(inner.clone()), inner, warned: AtomicBool::new(false) })
+    }
+
     /// Issues `lfm.LfmWarning` once if the scheduler stopped batching on this model.
     fn warn_fallback(&self, py: Python<'_>) -> PyResult<()> {
         let reason = self.scheduler.fallback_reason.lock().ok().and_then(|r| r.clone());
@@ -258,13 +273,13 @@ impl PyEngine {
     /// Loads a model folder (HF or flat layout) with options given as JSON.
     #[staticmethod]
     fn from_dir(py: Python<'_>, path: PathBuf, options_json: &str) -> PyResult<Self> {
-        let opts: EngineOptions = options::from_json("engine", options_json).map_err(|e| to_py_err(py, e))?;
-        let engine = detached(py, move || {
-            let files = ModelFiles::from_dir(&path, &opts.variant)?;
-            CoreEngine::load(&files, opts)
-        })?;
-        let inner = Arc::new(engine);
-        Ok(PyEngine { scheduler: Scheduler::start(inner.clone()), inner, warned: AtomicBool::new(false) })
+        Self::load(py, options_json, move |variant| ModelFiles::from_dir(&path, variant))
+    }
+
+    /// Loads the three graphs of a folder with the bundled tokenizer, template and configs.
+    #[staticmethod]
+    fn from_onnx_dir(py: Python<'_>, path: PathBuf, options_json: &str) -> PyResult<Self> {
+        Self::load(py, options_json, move |variant| ModelFiles::from_onnx_dir(&path, variant))
     }
 
     /// Scheduler counters: decoder steps, sequence-steps, largest batch.
@@ -280,18 +295,6 @@ impl PyEngine {
     /// What loading could not honour (shown as `lfm.LfmWarning` by the Python layer).
     fn load_warnings(&self) -> Vec<String> {
         self.inner.model().warnings.clone()
-    }
-
-    /// Loads the three graphs of a folder with the bundled tokenizer, template and configs.
-    #[staticmethod]
-    fn from_onnx_dir(py: Python<'_>, path: PathBuf, options_json: &str) -> PyResult<Self> {
-        let opts: EngineOptions = options::from_json("engine", options_json).map_err(|e| to_py_err(py, e))?;
-        let engine = detached(py, move || {
-            let files = ModelFiles::from_onnx_dir(&path, &opts.variant)?;
-            CoreEngine::load(&files, opts)
-        })?;
-        let inner = Arc::new(engine);
-        Ok(PyEngine { scheduler: Scheduler::start(inner.clone()), inner, warned: AtomicBool::new(false) })
     }
 
     /// Widths read from the graphs.

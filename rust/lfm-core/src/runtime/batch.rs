@@ -6,8 +6,6 @@
 //! (ONNX Runtime's GroupQueryAttention, as the official export uses); graphs that derive
 //! positions from the cache width are not batched (see `BatchSemantics`).
 
-use ort::session::SessionInputValue;
-
 use crate::error::{Error, Result};
 
 use super::model::{HybridCache, LayerCache, LayerKind, Model};
@@ -193,21 +191,7 @@ impl Model {
         }
         let mask = i64_value(STAGE, &[b, total], mask)?;
         let names = super::model::cache_input_names(&s.layers);
-        let mut inputs: Vec<(&str, SessionInputValue<'_>)> =
-            vec![("inputs_embeds", x.into()), ("attention_mask", mask.into())];
-        let mut name_iter = names.iter();
-        for layer in &batch.layers {
-            match layer {
-                LayerCache::Conv { state } => {
-                    inputs.push((name_iter.next().map(String::as_str).unwrap_or_default(), state.into()))
-                }
-                LayerCache::Attention { key, value } => {
-                    inputs.push((name_iter.next().map(String::as_str).unwrap_or_default(), key.into()));
-                    inputs.push((name_iter.next().map(String::as_str).unwrap_or_default(), value.into()));
-                }
-            }
-        }
-        let (logits, presents) = self.run_decoder(inputs)?;
+        let (logits, presents) = self.run_decoder(super::model::decoder_inputs(x, mask, &batch.layers, &names))?;
         let (shape, all) = read_floats(STAGE, &logits, None)?;
         if shape.len() != 3 || shape[0] as usize != b || shape[2] as usize != s.vocab {
             return Err(Error::inference(

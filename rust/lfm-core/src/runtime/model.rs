@@ -82,6 +82,28 @@ pub(crate) fn cache_input_names(layers: &[LayerKind]) -> Vec<String> {
     names
 }
 
+/// The decoder's inputs: embeddings, mask, then each layer's cache under its input name.
+pub(crate) fn decoder_inputs<'a>(
+    embeds: DynValue,
+    mask: DynValue,
+    layers: &'a [LayerCache],
+    names: &'a [String],
+) -> Vec<(&'a str, SessionInputValue<'a>)> {
+    let mut inputs: Vec<(&str, SessionInputValue<'_>)> =
+        vec![("inputs_embeds", embeds.into()), ("attention_mask", mask.into())];
+    let mut name = names.iter().map(String::as_str);
+    for layer in layers {
+        match layer {
+            LayerCache::Conv { state } => inputs.push((name.next().unwrap_or_default(), state.into())),
+            LayerCache::Attention { key, value } => {
+                inputs.push((name.next().unwrap_or_default(), key.into()));
+                inputs.push((name.next().unwrap_or_default(), value.into()));
+            }
+        }
+    }
+    inputs
+}
+
 fn past_conv(i: usize) -> String {
     format!("past_conv.{i}")
 }
@@ -408,21 +430,7 @@ impl Model {
         let x = float_value(STAGE, s.embeds_float, &[1, seq, s.hidden], embeds)?;
         let mask = i64_value(STAGE, &[1, total], vec![1; total])?;
         let names = cache_input_names(&s.layers);
-        let mut inputs: Vec<(&str, SessionInputValue<'_>)> =
-            vec![("inputs_embeds", x.into()), ("attention_mask", mask.into())];
-        let mut name_iter = names.iter();
-        for layer in &cache.layers {
-            match layer {
-                LayerCache::Conv { state } => {
-                    inputs.push((name_iter.next().map(String::as_str).unwrap_or_default(), state.into()))
-                }
-                LayerCache::Attention { key, value } => {
-                    inputs.push((name_iter.next().map(String::as_str).unwrap_or_default(), key.into()));
-                    inputs.push((name_iter.next().map(String::as_str).unwrap_or_default(), value.into()));
-                }
-            }
-        }
-        let (logits, layers) = self.run_decoder(inputs)?;
+        let (logits, layers) = self.run_decoder(decoder_inputs(x, mask, &cache.layers, &names))?;
         // All positions, or only the last one when the LM head was moved behind a slice.
         let rows = float_dims(STAGE, &logits)?.get(1).copied().unwrap_or(0).max(0) as usize;
         let (shape, row) = read_floats(STAGE, &logits, Some(rows.saturating_sub(1) * s.vocab..rows * s.vocab))?;
