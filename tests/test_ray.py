@@ -4,6 +4,7 @@ when Ray is not installed (pip install 'lfm[ray]')."""
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 from conftest import IMAGES, MODELS
@@ -18,11 +19,13 @@ def local_ray():  # type: ignore[no-untyped-def]
     ray.shutdown()
 
 
+# Ray itself raises deprecation warnings from its internals.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_map_batches_over_images(local_ray) -> None:  # type: ignore[no-untyped-def]
     from lfm.integrations.ray import LfmPredictor
 
     paths = [str(IMAGES / n) for n in ("grad_64x48.png", "grad_120x80.jpg", "exif_6.jpg")]
-    blobs = [{"path": p, "bytes": open(p, "rb").read()} for p in paths] + [{"path": "junk", "bytes": b"junk"}]
+    blobs = [{"path": p, "bytes": pathlib.Path(p).read_bytes()} for p in paths] + [{"path": "junk", "bytes": b"junk"}]
     ds = ray.data.from_items(blobs)
     out = ds.map_batches(
         LfmPredictor,
