@@ -71,15 +71,38 @@ impl Taps {
         Taps { start, len, weights, max_len, precision }
     }
 
+    /// Weights of output position `i` and the first source index they apply to.
     #[inline]
-    fn apply(&self, i: usize, sample: impl Fn(usize) -> i32) -> u8 {
-        let w = &self.weights[i * self.max_len..i * self.max_len + self.len[i]];
-        let mut acc: i32 = if self.precision > 0 { 1 << (self.precision - 1) } else { 0 };
-        for (j, &wj) in w.iter().enumerate() {
-            acc += sample(self.start[i] + j) * wj;
-        }
+    fn of(&self, i: usize) -> (usize, &[i32]) {
+        (self.start[i], &self.weights[i * self.max_len..i * self.max_len + self.len[i]])
+    }
+
+    #[inline]
+    fn round(&self, acc: i32) -> u8 {
         (acc >> self.precision).clamp(0, 255) as u8
     }
+
+    fn bias(&self) -> i32 {
+        if self.precision > 0 { 1 << (self.precision - 1) } else { 0 }
+    }
+}
+
+/// Runs `f(first_row, rows_chunk)` over `out` split into row chunks, on up to the
+/// machine's cores for large images (the work is identical whatever the split).
+fn par_rows(out: &mut [u8], row_len: usize, f: impl Fn(usize, &mut [u8]) + Sync) {
+    let rows = out.len() / row_len.max(1);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
+    if threads <= 1 || rows < 64 || out.len() < (1 << 20) {
+        f(0, out);
+        return;
+    }
+    let per = rows.div_ceil(threads);
+    std::thread::scope(|scope| {
+        for (k, chunk) in out.chunks_mut(per * row_len).enumerate() {
+            let f = &f;
+            scope.spawn(move || f(k * per, chunk));
+        }
+    });
 }
 
 /// Resizes `src` to `width x height`.
@@ -89,14 +112,23 @@ pub fn resize(src: &RgbImage, width: usize, height: usize) -> RgbImage {
     let horizontal = if width != sw {
         let taps = Taps::new(sw, width);
         let mut out = vec![0u8; sh * width * 3];
-        for y in 0..sh {
-            let row = &src.data[y * sw * 3..(y + 1) * sw * 3];
-            for x in 0..width {
-                for c in 0..3 {
-                    out[(y * width + x) * 3 + c] = taps.apply(x, |sx| row[sx * 3 + c] as i32);
+        par_rows(&mut out, width * 3, |y0, chunk| {
+            for (dy, dst) in chunk.chunks_exact_mut(width * 3).enumerate() {
+                let y = y0 + dy;
+                let row = &src.data[y * sw * 3..(y + 1) * sw * 3];
+                for (x, px) in dst.chunks_exact_mut(3).enumerate() {
+                    let (start, w) = taps.of(x);
+                    let mut acc = [taps.bias(); 3];
+                    for (k, &wk) in w.iter().enumerate() {
+                        let s = &row[(start + k) * 3..(start + k) * 3 + 3];
+                        acc[0] += s[0] as i32 * wk;
+                        acc[1] += s[1] as i32 * wk;
+                        acc[2] += s[2] as i32 * wk;
+                    }
+                    px.copy_from_slice(&acc.map(|a| taps.round(a)));
                 }
             }
-        }
+        });
         Some(out)
     } else {
         None
@@ -104,12 +136,24 @@ pub fn resize(src: &RgbImage, width: usize, height: usize) -> RgbImage {
     let mid: &[u8] = horizontal.as_deref().unwrap_or(&src.data);
     let data = if height != sh {
         let taps = Taps::new(sh, height);
-        let mut out = vec![0u8; height * width * 3];
-        for y in 0..height {
-            for x in 0..width * 3 {
-                out[y * width * 3 + x] = taps.apply(y, |sy| mid[sy * width * 3 + x] as i32);
+        let row_len = width * 3;
+        let mut out = vec![0u8; height * row_len];
+        par_rows(&mut out, row_len, |y0, chunk| {
+            let mut acc = vec![0i32; row_len];
+            for (dy, dst) in chunk.chunks_exact_mut(row_len).enumerate() {
+                let (start, w) = taps.of(y0 + dy);
+                acc.fill(taps.bias());
+                for (k, &wk) in w.iter().enumerate() {
+                    let src = &mid[(start + k) * row_len..(start + k + 1) * row_len];
+                    for (a, &v) in acc.iter_mut().zip(src) {
+                        *a += v as i32 * wk;
+                    }
+                }
+                for (d, &a) in dst.iter_mut().zip(&acc) {
+                    *d = taps.round(a);
+                }
             }
-        }
+        });
         out
     } else {
         horizontal.unwrap_or_else(|| src.data.clone())
