@@ -159,3 +159,25 @@ def test_decoder_without_cache_inputs_is_refused(tmp_path) -> None:  # type: ign
     shutil.copy(d / "onnx" / "embed_tokens.onnx", d / "onnx" / "decoder_model_merged.onnx")
     with pytest.raises(lfm.ModelLoadError, match="decoder_model_merged.onnx"):
         lfm.Engine.from_dir(d)
+
+
+def test_non_utf8_path(engine: lfm.Engine, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A path whose bytes are not UTF-8 (given as bytes through os.fsdecode's surrogate
+    escapes) is either found or reported missing, never a crash."""
+    import os
+
+    missing = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"\xff\xfe.png"))
+    with pytest.raises(FileNotFoundError):
+        engine.generate("Describe.", [missing])
+    real = os.path.join(os.fsencode(tmp_path), b"img\xff.png")
+    with open(real, "wb") as f:
+        f.write((IMAGES / "grad_64x48.png").read_bytes())
+    gen = engine.generate("Describe.", [pathlib_from_bytes(real)], {"max_new_tokens": 2})
+    assert gen.usage.image_tokens > 0
+
+
+def pathlib_from_bytes(raw: bytes):  # type: ignore[no-untyped-def]
+    import os
+    import pathlib
+
+    return pathlib.Path(os.fsdecode(raw))

@@ -10,8 +10,10 @@ use pyo3::types::{PyBytes, PyString};
 /// `str` (a path), `bytes` (an encoded file) or a C-contiguous uint8 `HxWx3` array. The
 /// Python layer turns PIL images, `os.PathLike` and other array layouts into these.
 pub fn image_source(obj: &Bound<'_, PyAny>) -> PyResult<ImageSource> {
-    if let Ok(s) = obj.cast::<PyString>() {
-        return Ok(ImageSource::Path(s.to_str()?.into()));
+    if obj.cast::<PyString>().is_ok() {
+        // Through the filesystem encoding, so paths that are not UTF-8 (surrogate-escaped
+        // by Python) still name their file.
+        return Ok(ImageSource::Path(obj.extract::<std::path::PathBuf>()?));
     }
     if let Ok(b) = obj.cast::<PyBytes>() {
         return Ok(ImageSource::Bytes(b.as_bytes().to_vec()));
