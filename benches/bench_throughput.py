@@ -510,10 +510,32 @@ def worker_preproc_hf(job: dict) -> dict:
     return out
 
 
+def _env_info(worker: str) -> dict:
+    """Versions the worker ran with (lfm is rebuilt often: its version and build time)."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for p in ("lfm", "onnxruntime", "numpy", "torch", "transformers"):
+        try:
+            out[p] = md.version(p)
+        except md.PackageNotFoundError:
+            pass
+    if worker.startswith(("lfm", "preproc-lfm")):
+        import glob
+
+        import lfm
+
+        libs = glob.glob(os.path.join(os.path.dirname(lfm.__file__), "_lfm*.so"))
+        if libs:
+            out["lfm_build_time"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(libs[0])))
+    return out
+
+
 def run_worker(args) -> None:
     with open(args.job) as f:
         job = json.load(f)
     w = job["worker"]
+    env = _env_info(w)  # before the work: the lfm build that is loaded, not one installed meanwhile
     if w == "lfm-b1":
         res = worker_lfm(job, batched=False)
     elif w == "lfm-batch":
@@ -528,6 +550,7 @@ def run_worker(args) -> None:
         res = worker_preproc_hf(job)
     else:
         raise SystemExit(f"unknown worker {w}")
+    res["env"] = env
     with open(args.result, "w") as f:
         json.dump(res, f)
 
@@ -614,6 +637,7 @@ def report(args, res: dict, files: list[str], graph_bytes: int, load0: float, lo
         f"> {args.max_foreign} cores on average is redone (after waiting for a quiet moment); CPU cores used by other "
         "processes during the kept measurements (max per request for one-at-a-time systems), and redos: "
         + ", ".join(f"{k} {v['foreign_cores']:.2f} ({v['redos']} redone)" for k, v in res.items()),
+        "- versions: " + _versions_line(res),
         f"- model: random-weight LFM2.5-VL-450M at the real size, fp32 graphs ({graph_bytes / 1e9:.2f} GB: vision "
         "encoder, embed_tokens, GroupQueryAttention decoder), `scripts/make_bench_model.py`; transformers loads the "
         "same weights from `hf/`",
@@ -730,6 +754,23 @@ def report(args, res: dict, files: list[str], graph_bytes: int, load0: float, lo
     return "\n".join(lines) + "\n", m
 
 
+def _versions_line(res: dict) -> str:
+    env: dict = {}
+    builds = set()
+    for r in res.values():
+        e = r.get("env", {})
+        if "lfm_build_time" in e:
+            builds.add(e["lfm_build_time"])
+        for k, v in e.items():
+            if k != "lfm_build_time":
+                env.setdefault(k, v)
+    parts = [f"{k} {env[k]}" for k in ("lfm", "onnxruntime", "torch", "transformers", "numpy", "python") if k in env]
+    if builds:
+        parts.append(f"lfm extension built {', '.join(sorted(builds))}"
+                     + (" (DIFFERENT builds across systems)" if len(builds) > 1 else ""))
+    return ", ".join(parts) or "not recorded"
+
+
 def _mem_gb() -> float:
     try:
         with open("/proc/meminfo") as f:
@@ -752,12 +793,29 @@ def main() -> None:
                     help="redo a system run when other processes used more than this many cores during it")
     ap.add_argument("--max-retries", type=int, default=3, help="redos allowed per system")
     ap.add_argument("--max-wait", type=float, default=600, help="seconds to wait for a quiet machine before a run")
+    ap.add_argument("--from-json", help="re-render the report from a throughput.json written by an earlier run")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         run_worker(args)
+        return
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        for k, v in saved["args"].items():
+            if k not in ("out", "from_json"):
+                setattr(args, k, v)
+        res = saved["results"]
+        files = [r["file"] for r in next(v for k, v in res.items() if not k.startswith("preproc"))["recs"]]
+        text, _ = report(args, res, files, saved["graph_bytes"], saved.get("load_before", float("nan")),
+                         saved.get("load_after", float("nan")))
+        if "total_min" in saved:
+            text += f"\nTotal bench time {saved['total_min']:.1f} min.\n"
+        print(text)
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
         return
     args.model_dir = os.path.abspath(args.model_dir)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -778,7 +836,8 @@ def main() -> None:
             res[s] = run_system(s, args, files, warm, tmp)
     load1 = os.getloadavg()[0]
     text, m = report(args, res, files, graph_bytes, load0, load1)
-    text += f"\nTotal bench time {(_now() - t_all) / 60:.1f} min.\n"
+    total_min = (_now() - t_all) / 60
+    text += f"\nTotal bench time {total_min:.1f} min.\n"
     print()
     print(text)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -787,7 +846,8 @@ def main() -> None:
     raw = os.path.splitext(os.path.abspath(args.out))[0] + ".json"
     with open(raw, "w", encoding="utf-8") as f:
         json.dump({"args": {k: v for k, v in vars(args).items() if k not in ("worker", "job", "result")},
-                   "graph_bytes": graph_bytes, "metrics": m, "results": res}, f, indent=1)
+                   "graph_bytes": graph_bytes, "load_before": load0, "load_after": load1, "total_min": total_min,
+                   "metrics": m, "results": res}, f, indent=1)
     print(f"written {args.out} and {raw}", file=sys.stderr)
 
 
