@@ -236,7 +236,7 @@ def worker_lfm(job: dict, batched: bool) -> dict:
             job_s = 0.0
             for f in files:
                 g, wall, foreign, attempts = clean_run(
-                    lambda: engine.generate(PROMPT, images=[f], options=opts), job, os.path.basename(f))
+                    lambda f=f: engine.generate(PROMPT, images=[f], options=opts), job, os.path.basename(f))
                 job_s += wall
                 recs.append(_lfm_rec(f, g, wall, wall - g.timings.decode_s))
                 recs[-1].update(foreign_cores=foreign, attempts=attempts)
@@ -380,7 +380,7 @@ def worker_plain(job: dict) -> dict:
     recs = []
     job_s = 0.0
     for f in job["files"]:
-        r, wall, foreign, attempts = clean_run(lambda: caption(f, n, n), job, os.path.basename(f))
+        r, wall, foreign, attempts = clean_run(lambda f=f: caption(f, n, n), job, os.path.basename(f))
         job_s += wall
         r.update(foreign_cores=foreign, attempts=attempts)
         recs.append(r)
@@ -446,7 +446,7 @@ def worker_hf(job: dict) -> dict:
     recs = []
     job_s = 0.0
     for f in job["files"]:
-        r, wall, foreign, attempts = clean_run(lambda: caption(f, n, n), job, os.path.basename(f))
+        r, wall, foreign, attempts = clean_run(lambda f=f: caption(f, n, n), job, os.path.basename(f))
         job_s += wall
         r.update(foreign_cores=foreign, attempts=attempts)
         recs.append(r)
@@ -614,7 +614,7 @@ def ratio(a, b):
 
 def report(args, res: dict, files: list[str], graph_bytes: int, load0: float, load1: float) -> tuple[str, dict]:
     n = len(files)
-    rows, verdicts = [], {}
+    verdicts = {}
     runs = {k: v for k, v in res.items() if not k.startswith("preproc")}
 
     def metrics(name):
