@@ -217,10 +217,7 @@ class Engine:
         """Like ``generate``, yielding text as it is produced (never splitting a character;
         the pieces join to ``generate(...).text``). After the last piece, the iterator's
         ``generation`` holds the whole ``Generation``."""
-        opts = coerce(RequestOptions, options)
-        text, imgs = prepare(messages, images)
-        core = self._check_process().stream(text, imgs, json.dumps(opts.to_dict()), _grammar_spec(grammar), True)
-        return TextStream(core)
+        return TextStream(self._submit(messages, images, options, grammar, True))
 
     def run(
         self,
