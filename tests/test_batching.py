@@ -67,6 +67,23 @@ def test_graph_semantics_are_detected() -> None:
     assert lfm.Engine.from_dir(MODELS / "tiny16").spec["attention_rows"] == "cache_width"
 
 
+def test_gqa_decoder_updates_its_cache_in_place() -> None:
+    assert lfm.Engine.from_dir(MODELS / "tiny16-gqa").spec["kv_cache"] == "in_place"
+    assert lfm.Engine.from_dir(MODELS / "tiny16").spec["kv_cache"] == "copied"
+
+
+def test_in_place_cache_grows_past_its_headroom() -> None:
+    # 300 steps: the pre-sized cache (longest row + 128 positions) is regrown twice
+    # while rows of different lengths keep decoding.
+    opts = lfm.RequestOptions(max_new_tokens=300, min_new_tokens=300, repetition_penalty=1.0)
+    msgs = ["Hi", "A much longer prompt " * 6, "Medium prompt here " * 2]
+    e = lfm.Engine.from_dir(MODELS / "tiny16-gqa", lfm.EngineOptions(intra_threads=1, max_batch_size=4))
+    out = e.generate_batch(msgs, options=opts)
+    ref = lfm.Engine.from_dir(MODELS / "tiny16-gqa", lfm.EngineOptions(intra_threads=1, batching="off"))
+    assert [g.token_ids for g in out] == [ref.generate(m, options=opts).token_ids for m in msgs]
+    assert e.stats["max_batch"] == 3
+
+
 def test_generate_batch_batches_on_gqa() -> None:
     e = lfm.Engine.from_dir(MODELS / "tiny16-gqa", lfm.EngineOptions(intra_threads=1, max_batch_size=4))
     msgs = [f"Prompt number {i} " + "x " * i for i in range(10)]

@@ -321,6 +321,7 @@ impl PyEngine {
             lfm_core::runtime::BatchSemantics::CacheWidth => "cache_width",
         };
         d.set_item("attention_rows", batching)?;
+        d.set_item("kv_cache", if s.kv_in_place { "in_place" } else { "copied" })?;
         Ok(d)
     }
 

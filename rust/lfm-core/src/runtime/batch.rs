@@ -8,6 +8,8 @@
 
 use crate::error::{Error, Result};
 
+use ort::value::DynValue;
+
 use super::model::{HybridCache, LayerCache, LayerKind, Model};
 use super::tensor::{float_value, i64_value, read_floats};
 
@@ -27,8 +29,14 @@ pub struct BatchCache {
     layers: Vec<LayerCache>,
     /// Valid positions of each row.
     pub lens: Vec<usize>,
+    /// Positions allocated per row: the longest row when every step returns new tensors;
+    /// more, with room to grow, when the decoder updates the cache in place.
     width: usize,
 }
+
+/// Positions added beyond the longest row when a cache updated in place is (re)allocated:
+/// it is copied once per this many steps instead of every step.
+const IN_PLACE_HEADROOM: usize = 128;
 
 impl BatchCache {
     pub fn len(&self) -> usize {
@@ -87,11 +95,16 @@ impl Model {
         Ok(rows)
     }
 
-    /// Builds a batch from trimmed rows with their lengths.
-    fn assemble(&self, rows: Vec<Vec<RowLayer>>, lens: Vec<usize>) -> Result<BatchCache> {
+    /// Positions to allocate for rows of `lens`, with `extra` more needed right away.
+    fn width_for(&self, lens: &[usize], extra: usize) -> usize {
+        let longest = lens.iter().copied().max().unwrap_or(0) + extra;
+        if self.spec.kv_in_place { longest + IN_PLACE_HEADROOM } else { longest }
+    }
+
+    /// Builds a batch of `width` positions per row from trimmed rows with their lengths.
+    fn assemble(&self, rows: Vec<Vec<RowLayer>>, lens: Vec<usize>, width: usize) -> Result<BatchCache> {
         let s = &self.spec;
         let b = rows.len();
-        let width = lens.iter().copied().max().unwrap_or(0);
         let mut layers = Vec::with_capacity(s.layers.len());
         for (li, kind) in s.layers.iter().enumerate() {
             match kind {
@@ -149,7 +162,8 @@ impl Model {
         rows.push(self.single_rows(&cache)?);
         let mut lens = std::mem::take(&mut batch.lens);
         lens.push(cache.past_len);
-        *batch = self.assemble(rows, lens)?;
+        let width = self.width_for(&lens, 0);
+        *batch = self.assemble(rows, lens, width)?;
         Ok(())
     }
 
@@ -166,7 +180,12 @@ impl Model {
             .filter(|(i, _)| !remove.contains(i))
             .map(|(_, x)| x)
             .unzip();
-        *batch = if rows.is_empty() { self.batch_new() } else { self.assemble(rows, lens)? };
+        *batch = if rows.is_empty() {
+            self.batch_new()
+        } else {
+            let width = self.width_for(&lens, 0);
+            self.assemble(rows, lens, width)?
+        };
         Ok(())
     }
 
@@ -174,7 +193,7 @@ impl Model {
     pub fn batch_row(&self, batch: &BatchCache, r: usize) -> Result<HybridCache> {
         let rows = self.batch_rows(batch)?;
         let row = rows.into_iter().nth(r).ok_or_else(|| Error::Internal(format!("no batch row {r}")))?;
-        let one = self.assemble(vec![row], vec![batch.lens[r]])?;
+        let one = self.assemble(vec![row], vec![batch.lens[r]], batch.lens[r])?;
         Ok(HybridCache { layers: one.layers, past_len: batch.lens[r] })
     }
 
@@ -183,15 +202,28 @@ impl Model {
     pub fn decode_batch(&self, embeds: Vec<f32>, batch: &mut BatchCache) -> Result<Vec<Vec<f32>>> {
         let s = &self.spec;
         let b = batch.len();
-        let total = batch.width + 1;
+        let total = batch.lens.iter().copied().max().unwrap_or(0) + 1;
+        if s.kv_in_place && total > batch.width {
+            let rows = self.batch_rows(batch)?;
+            let lens = std::mem::take(&mut batch.lens);
+            let width = self.width_for(&lens, 1);
+            *batch = self.assemble(rows, lens, width)?;
+        }
         let x = float_value(STAGE, s.embeds_float, &[b, 1, s.hidden], embeds)?;
         let mut mask = vec![0i64; b * total];
         for (r, &len) in batch.lens.iter().enumerate() {
             mask[r * total..r * total + len + 1].fill(1);
         }
         let mask = i64_value(STAGE, &[b, total], mask)?;
-        let names = super::model::cache_input_names(&s.layers);
-        let (logits, presents) = self.run_decoder(super::model::decoder_inputs(x, mask, &batch.layers, &names))?;
+        let logits = if s.kv_in_place {
+            self.decode_in_place(x, mask, batch)?
+        } else {
+            let names = super::model::cache_input_names(&s.layers);
+            let (logits, presents) = self.run_decoder(super::model::decoder_inputs(x, mask, &batch.layers, &names))?;
+            batch.layers = presents;
+            batch.width = total;
+            logits
+        };
         let (shape, all) = read_floats(STAGE, &logits, None)?;
         if shape.len() != 3 || shape[0] as usize != b || shape[2] as usize != s.vocab {
             return Err(Error::inference(
@@ -205,11 +237,49 @@ impl Model {
         for row in &rows {
             super::tensor::check_finite(STAGE, row)?;
         }
-        batch.layers = presents;
-        batch.width = total;
         for len in &mut batch.lens {
             *len += 1;
         }
         Ok(rows)
     }
+
+    /// A decoder step whose key/value outputs are bound to the key/value inputs, so the
+    /// attention writes each row's new position into the batch's own buffers. Returns the
+    /// logits; the conv states are replaced by the step's.
+    fn decode_in_place(&self, x: DynValue, mask: DynValue, batch: &mut BatchCache) -> Result<DynValue> {
+        let names = super::model::cache_input_names(&self.spec.layers);
+        let mut outputs: Vec<(String, Option<DynValue>)> = vec![("logits".to_string(), None)];
+        let mut inputs: Vec<(&str, &DynValue)> = vec![("inputs_embeds", &x), ("attention_mask", &mask)];
+        let mut name = names.iter();
+        for layer in &mut batch.layers {
+            match layer {
+                LayerCache::Conv { state } => {
+                    let past = name.next().map_or("", String::as_str);
+                    outputs.push((past.replacen("past_conv", "present_conv", 1), None));
+                    inputs.push((past, state));
+                }
+                LayerCache::Attention { key, value } => {
+                    for tensor in [key, value] {
+                        let past = name.next().map_or("", String::as_str);
+                        outputs.push((past.replacen("past_key_values", "present", 1), Some(shared(tensor)?)));
+                        inputs.push((past, tensor));
+                    }
+                }
+            }
+        }
+        let mut out = self.run_bound_decoder(&inputs, outputs)?.into_iter();
+        let logits = out.next().map(|(_, v)| v).ok_or_else(|| Error::inference(STAGE, "no logits"))?;
+        let mut convs = out.filter(|(n, _)| n.starts_with("present_conv"));
+        for layer in &mut batch.layers {
+            if let LayerCache::Conv { state } = layer {
+                *state = convs.next().map(|(_, v)| v).ok_or_else(|| Error::inference(STAGE, "conv state missing"))?;
+            }
+        }
+        Ok(logits)
+    }
+}
+
+/// A second handle on the same ONNX Runtime tensor (no copy), to bind it as an output.
+fn shared(value: &mut DynValue) -> Result<DynValue> {
+    value.view_mut().try_upgrade().map_err(|_| Error::Internal("cache tensor cannot be shared".into()))
 }

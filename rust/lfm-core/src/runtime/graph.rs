@@ -203,6 +203,42 @@ impl Graph {
         })
     }
 
+    /// Runs the graph through an I/O binding: `outputs` pairs each output name with a
+    /// tensor to write into (`Some`, which may be one of the inputs: ONNX Runtime's
+    /// GroupQueryAttention then updates its key/value cache in place) or `None` for a
+    /// tensor ONNX Runtime allocates. Returns the outputs in `outputs`' order.
+    pub fn run_bound(
+        &self,
+        stage: &'static str,
+        inputs: &[(&str, &DynValue)],
+        outputs: Vec<(String, Option<DynValue>)>,
+    ) -> Result<Vec<(String, DynValue)>> {
+        let err = |e: ort::Error| Error::inference(stage, e);
+        let mut session =
+            self.session.lock().map_err(|_| Error::Internal(format!("{stage}: session lock poisoned")))?;
+        let mut binding = session.create_binding().map_err(err)?;
+        for (name, value) in inputs {
+            binding.bind_input(*name, *value).map_err(err)?;
+        }
+        use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+        let cpu = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(err)?;
+        let names: Vec<String> = outputs.iter().map(|(n, _)| n.clone()).collect();
+        for (name, value) in outputs {
+            match value {
+                Some(v) => binding.bind_output(name, v).map_err(err)?,
+                None => binding.bind_output_to_device(name, &cpu).map_err(err)?,
+            }
+        }
+        let mut out = session.run_binding(&binding).map_err(err)?;
+        names
+            .into_iter()
+            .map(|n| {
+                let v = out.remove(&n).ok_or_else(|| Error::inference(stage, format!("output `{n}` missing")))?;
+                Ok((n, v))
+            })
+            .collect()
+    }
+
     /// Runs the graph on named inputs; returns every output, owned, in graph order.
     pub fn run(
         &self,

@@ -48,6 +48,8 @@ pub struct ModelSpec {
     pub head_dim: usize,
     /// How rows of a batch may be padded (from the decoder's attention operator).
     pub batching: super::batch::BatchSemantics,
+    /// Whether the attention layers can update a pre-sized key/value cache in place.
+    pub kv_in_place: bool,
     pub vision_float: FloatType,
     pub embeds_float: FloatType,
     /// Element types of the conv states and of the key/value caches.
@@ -170,6 +172,26 @@ fn discover_layers(dec: &Graph) -> Result<Vec<LayerKind>> {
         .collect()
 }
 
+/// Whether every attention layer's present key/value comes straight out of a
+/// GroupQueryAttention node that reads the same layer's past key/value. Such a node
+/// writes only the new positions when past and present are one buffer (as
+/// onnxruntime-genai runs it), so batched decoding can keep a pre-sized cache instead of
+/// copying the whole cache into new tensors every step.
+fn kv_in_place(layers: &[LayerKind], nodes: &[super::onnx_proto::GraphNode]) -> bool {
+    let attention: Vec<usize> = (0..layers.len()).filter(|&i| layers[i] == LayerKind::Attention).collect();
+    !attention.is_empty()
+        && attention.iter().all(|&i| {
+            let (pk, pv, k, v) = (past_kv(i, "key"), past_kv(i, "value"), present_kv(i, "key"), present_kv(i, "value"));
+            nodes.iter().any(|n| {
+                n.op == "GroupQueryAttention"
+                    && n.inputs.get(3) == Some(&pk)
+                    && n.inputs.get(4) == Some(&pv)
+                    && n.outputs.get(1) == Some(&k)
+                    && n.outputs.get(2) == Some(&v)
+            })
+        })
+}
+
 /// The loaded graphs.
 pub struct Model {
     pub spec: ModelSpec,
@@ -204,10 +226,11 @@ impl Model {
         let mut spec = Self::check_contracts(&vision, &embed, &decoder)?;
         // GroupQueryAttention takes each row's length from its mask row; anything else is
         // assumed to derive positions from the cache width.
-        let ops = super::onnx_proto::graph_ops(&paths.decoder)?;
-        if ops.iter().any(|(_, op)| op == "GroupQueryAttention") {
+        let nodes = super::onnx_proto::graph_nodes(&paths.decoder)?;
+        if nodes.iter().any(|n| n.op == "GroupQueryAttention") {
             spec.batching = super::batch::BatchSemantics::MaskLengths;
         }
+        spec.kv_in_place = kv_in_place(&spec.layers, &nodes);
         Ok(Model { spec, warnings, vision, embed, decoder })
     }
 
@@ -308,6 +331,7 @@ impl Model {
             head_dim: kv.map_or(0, |k| k.1),
             layers,
             batching: super::batch::BatchSemantics::CacheWidth,
+            kv_in_place: false,
             vision_float: float(&pv),
             embeds_float: float(&din),
             conv_float: conv_float.unwrap_or(FloatType::F32),
@@ -419,6 +443,15 @@ impl Model {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok((logits, layers))
+    }
+
+    /// Runs the decoder through an I/O binding (see `Graph::run_bound`).
+    pub(crate) fn run_bound_decoder(
+        &self,
+        inputs: &[(&str, &DynValue)],
+        outputs: Vec<(String, Option<DynValue>)>,
+    ) -> Result<Vec<(String, DynValue)>> {
+        self.decoder.run_bound("decoder", inputs, outputs)
     }
 
     /// Runs the decoder on `seq` new positions (`embeds` is `[seq * hidden]`), advances

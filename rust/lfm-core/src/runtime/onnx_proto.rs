@@ -79,13 +79,23 @@ impl<R: Read + Seek> Wire<R> {
     }
 }
 
-/// `(domain, op_type)` of every node of the main graph, in file order.
-pub fn graph_ops(path: &Path) -> Result<Vec<(String, String)>> {
+/// One node of a graph, without its attributes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GraphNode {
+    pub domain: String,
+    pub op: String,
+    pub inputs: Vec<String>,
+    pub outputs: Vec<String>,
+}
+
+/// Every node of the main graph, in file order.
+pub fn graph_nodes(path: &Path) -> Result<Vec<GraphNode>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut w = Wire { r: BufReader::new(file) };
     let bad = |e: std::io::Error| Error::model_load(path, format!("not an ONNX model: {e}"));
-    let mut ops = Vec::new();
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    let mut nodes = Vec::new();
     while let Some((f, wt)) = w.field(len).map_err(bad)? {
         if f == MODEL_GRAPH && wt == 2 {
             let n = w.varint().map_err(bad)?.unwrap_or(0);
@@ -94,20 +104,22 @@ pub fn graph_ops(path: &Path) -> Result<Vec<(String, String)>> {
                 if gf == GRAPH_NODE && gwt == 2 {
                     let n = w.varint().map_err(bad)?.unwrap_or(0);
                     let node_end = w.r.stream_position().map_err(bad)? + n;
-                    let (mut op, mut domain) = (String::new(), String::new());
+                    let mut node = GraphNode::default();
                     while let Some((nf, nwt)) = w.field(node_end).map_err(bad)? {
                         match (nf, nwt) {
-                            (NODE_OP_TYPE, 2) => op = String::from_utf8_lossy(&w.bytes().map_err(bad)?).into_owned(),
-                            (NODE_DOMAIN, 2) => domain = String::from_utf8_lossy(&w.bytes().map_err(bad)?).into_owned(),
+                            (NODE_OP_TYPE, 2) => node.op = text(w.bytes().map_err(bad)?),
+                            (NODE_DOMAIN, 2) => node.domain = text(w.bytes().map_err(bad)?),
+                            (NODE_INPUT, 2) => node.inputs.push(text(w.bytes().map_err(bad)?)),
+                            (NODE_OUTPUT, 2) => node.outputs.push(text(w.bytes().map_err(bad)?)),
                             _ => w.skip(nwt).map_err(bad)?,
                         }
                     }
-                    ops.push((domain, op));
+                    nodes.push(node);
                 } else {
                     w.skip(gwt).map_err(bad)?;
                 }
             }
-            return Ok(ops);
+            return Ok(nodes);
         }
         w.skip(wt).map_err(bad)?;
     }
@@ -484,10 +496,22 @@ mod tests {
     fn lists_the_tiny_decoder_ops() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../tests/fixtures/models/tiny6/onnx/decoder_model_merged.onnx");
-        let ops = graph_ops(&p).unwrap();
-        assert!(ops.iter().any(|(_, op)| op == "MatMul"));
-        assert!(ops.iter().any(|(_, op)| op == "Softmax"));
-        assert!(!ops.iter().any(|(_, op)| op == "GroupQueryAttention"));
+        let nodes = graph_nodes(&p).unwrap();
+        assert!(nodes.iter().any(|n| n.op == "MatMul"));
+        assert!(nodes.iter().any(|n| n.op == "Softmax"));
+        assert!(!nodes.iter().any(|n| n.op == "GroupQueryAttention"));
+    }
+
+    #[test]
+    fn reads_the_wiring_of_group_query_attention() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models/tiny16-gqa/onnx/decoder_model_merged.onnx");
+        let nodes = graph_nodes(&p).unwrap();
+        let gqa: Vec<&GraphNode> = nodes.iter().filter(|n| n.op == "GroupQueryAttention").collect();
+        assert_eq!(gqa.len(), 6);
+        assert!(gqa.iter().all(|n| n.domain == "com.microsoft"));
+        assert_eq!(gqa[0].inputs[3], "past_key_values.2.key");
+        assert_eq!(gqa[0].outputs[1], "present.2.key");
     }
 
     #[test]
