@@ -4,6 +4,7 @@ image formula of tests/fixtures/README.md."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -15,6 +16,9 @@ MODELS = FIXTURES / "models"
 GOLDEN = FIXTURES / "golden"
 IMAGES = FIXTURES / "images"
 MODEL_NAMES = ["tiny16", "tiny6"]
+# Execution providers for the decoding-parity tests (e.g. `LFM_TEST_PROVIDERS=cuda` on a
+# machine with onnxruntime-gpu); the CPU by default.
+PROVIDERS = tuple(os.environ.get("LFM_TEST_PROVIDERS", "cpu").split(","))
 
 
 def golden(name: str) -> Any:

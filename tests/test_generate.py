@@ -12,7 +12,7 @@ from typing import Any
 import lfm
 import numpy as np
 import pytest
-from conftest import MODELS, golden, grad
+from conftest import MODELS, PROVIDERS, golden, grad
 
 # tiny16-gqa has tiny16's weights with the official export's attention operator
 # (GroupQueryAttention fed from the mask), so tiny16's goldens apply to it.
@@ -22,7 +22,7 @@ GOLDEN_OF = {"tiny16": "tiny16", "tiny6": "tiny6", "tiny16-gqa": "tiny16"}
 @cache
 def engine(model: str, budget: str) -> lfm.Engine:
     budgets = golden(f"generate_{GOLDEN_OF[model]}.json")["budgets"]
-    opts = lfm.EngineOptions(image_budget=lfm.ImageBudget(**budgets[budget]), intra_threads=1)
+    opts = lfm.EngineOptions(image_budget=lfm.ImageBudget(**budgets[budget]), intra_threads=1, providers=PROVIDERS)
     return lfm.Engine.from_dir(MODELS / model, opts)
 
 

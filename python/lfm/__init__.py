@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from . import chat, preproc
 from ._lfm import __version__
+from ._ort import available_providers
 from .engine import Engine, TextStream
 from .errors import (
     GrammarError,
@@ -55,6 +56,7 @@ __all__ = [
     "Timings",
     "Usage",
     "__version__",
+    "available_providers",
     "chat",
     "preproc",
 ]

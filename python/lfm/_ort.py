@@ -47,3 +47,10 @@ def ensure_loaded() -> str:
         if _loaded is None:
             _loaded = _lfm.init_ort(find_library())
         return _loaded
+
+
+def available_providers() -> list[str]:
+    """The execution providers the installed ONNX Runtime offers, by lfm's names
+    (``"cpu"`` always; ``"cuda"`` etc. with ``onnxruntime-gpu`` and its libraries)."""
+    ensure_loaded()
+    return list(_lfm.available_providers())

@@ -174,10 +174,7 @@ def info(args: argparse.Namespace, stdout: TextIO) -> int:
     if fp32:
         engine = lfm.Engine.from_dir(root)
         report["widths"] = engine.spec
-    from . import _lfm, _ort
-
-    _ort.ensure_loaded()
-    report["providers"] = _lfm.available_providers()
+    report["providers"] = lfm.available_providers()
     stdout.write(json.dumps(report, indent=2) + "\n")
     return 0
 
