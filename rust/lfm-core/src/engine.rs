@@ -260,7 +260,7 @@ impl Engine {
         let embeds = self.prompt_embeddings(prepared, timings)?;
         let t = Instant::now();
         let mut cache = self.model.new_cache()?;
-        let logits = self.model.decode(embeds, prepared.prompt_ids.len(), &mut cache)?;
+        let logits = self.model.prefill(embeds, &mut cache)?;
         timings.prefill_s += t.elapsed().as_secs_f64();
         Ok((cache, logits))
     }

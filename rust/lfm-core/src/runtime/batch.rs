@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use ort::value::DynValue;
 
 use super::model::{HybridCache, LayerCache, LayerKind, Model};
-use super::tensor::{float_value, i64_value, read_floats};
+use super::tensor::{FloatType, float_value, i64_value, read_floats};
 
 /// How a decoder graph places a row's new token: this decides how rows may be batched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,107 +48,125 @@ impl BatchCache {
     }
 }
 
-/// One row of one layer, trimmed to its valid positions: conv `[C, K]`, or key and value
-/// `[H, len, D]` each.
-enum RowLayer {
-    Conv(Vec<f32>),
-    Attention(Vec<f32>, Vec<f32>),
-}
-
 const STAGE: &str = "decoder";
 
-impl Model {
-    /// Splits batched layers (rows of `lens` valid positions, padded to `width`) into
-    /// trimmed rows.
-    fn rows_of(&self, layers: &[LayerCache], lens: &[usize], width: usize) -> Result<Vec<Vec<RowLayer>>> {
-        let s = &self.spec;
-        let b = lens.len();
-        let mut rows: Vec<Vec<RowLayer>> = (0..b).map(|_| Vec::with_capacity(s.layers.len())).collect();
-        for layer in layers {
-            match layer {
-                LayerCache::Conv { state } => {
-                    let (_, data) = read_floats(STAGE, state, None)?;
-                    let n = s.conv_channels * s.conv_width;
-                    for (r, row) in rows.iter_mut().enumerate() {
-                        row.push(RowLayer::Conv(data[r * n..(r + 1) * n].to_vec()));
-                    }
-                }
-                LayerCache::Attention { key, value } => {
-                    let (_, k) = read_floats(STAGE, key, None)?;
-                    let (_, v) = read_floats(STAGE, value, None)?;
-                    let (h, d, w) = (s.kv_heads, s.head_dim, width);
-                    for (r, row) in rows.iter_mut().enumerate() {
-                        let len = lens[r];
-                        let trim = |src: &[f32]| {
-                            let mut out = Vec::with_capacity(h * len * d);
-                            for hh in 0..h {
-                                let base = (r * h + hh) * w * d;
-                                out.extend_from_slice(&src[base..base + len * d]);
-                            }
-                            out
-                        };
-                        row.push(RowLayer::Attention(trim(&k), trim(&v)));
-                    }
-                }
-            }
-        }
-        Ok(rows)
-    }
+/// One row of a batch being built: the tensor it is copied from, which row of it, how
+/// many positions that tensor holds per row, and how many of them are valid.
+struct Part<'a> {
+    src: &'a DynValue,
+    row: usize,
+    src_width: usize,
+    len: usize,
+}
 
+/// Copies `parts` into a new tensor of `shape` (`[rows, heads, width, head_dim]`, or
+/// `[rows, channels, width]` seen as one head of `channels * width` positions of size 1),
+/// each row's valid positions first, zeros after. Elements stay in the graph's type.
+fn gather<T>(parts: &[Part<'_>], heads: usize, dim: usize, width: usize, shape: Vec<i64>) -> Result<DynValue>
+where
+    T: ort::value::PrimitiveTensorElementType + Copy + Default + std::fmt::Debug + 'static,
+{
+    let mut out = vec![T::default(); parts.len() * heads * width * dim];
+    for (r, p) in parts.iter().enumerate() {
+        let (_, src) = p.src.try_extract_tensor::<T>().map_err(|e| Error::inference(STAGE, e))?;
+        for h in 0..heads {
+            let from = (p.row * heads + h) * p.src_width * dim;
+            let to = (r * heads + h) * width * dim;
+            let n = p.len * dim;
+            let row = src
+                .get(from..from + n)
+                .ok_or_else(|| Error::Internal(format!("cache row {} is shorter than {} positions", p.row, p.len)))?;
+            out[to..to + n].copy_from_slice(row);
+        }
+    }
+    Ok(ort::value::Tensor::from_array((shape, out)).map_err(|e| Error::inference(STAGE, e))?.into_dyn())
+}
+
+/// Where a row of a new batch comes from.
+enum Source<'a> {
+    /// Row `r` of the current batch.
+    Row(usize),
+    /// A sequence's own cache.
+    Alone(&'a HybridCache),
+}
+
+impl Model {
     /// Positions to allocate for rows of `lens`, with `extra` more needed right away.
     fn width_for(&self, lens: &[usize], extra: usize) -> usize {
         let longest = lens.iter().copied().max().unwrap_or(0) + extra;
         if self.spec.kv_in_place { longest + IN_PLACE_HEADROOM } else { longest }
     }
 
-    /// Builds a batch of `width` positions per row from trimmed rows with their lengths.
-    fn assemble(&self, rows: Vec<Vec<RowLayer>>, lens: Vec<usize>, width: usize) -> Result<BatchCache> {
+    /// A new batch of `width` positions per row whose rows are copied from `sources`
+    /// (rows of `batch`, or single caches), straight from tensor to tensor.
+    fn regather<'a>(&self, batch: &'a BatchCache, sources: &[Source<'a>], width: usize) -> Result<BatchCache> {
         let s = &self.spec;
-        let b = rows.len();
+        let lens: Vec<usize> = sources
+            .iter()
+            .map(|src| match src {
+                Source::Row(r) => batch.lens[*r],
+                Source::Alone(c) => c.past_len,
+            })
+            .collect();
+        let b = sources.len() as i64;
+        fn layer<'a>(batch: &'a BatchCache, src: &Source<'a>, li: usize) -> &'a LayerCache {
+            match src {
+                Source::Row(_) => &batch.layers[li],
+                Source::Alone(c) => &c.layers[li],
+            }
+        }
+        let layer_of = |src: &Source<'a>, li: usize| layer(batch, src, li);
         let mut layers = Vec::with_capacity(s.layers.len());
         for (li, kind) in s.layers.iter().enumerate() {
             match kind {
                 LayerKind::Conv => {
-                    let mut data = Vec::with_capacity(b * s.conv_channels * s.conv_width);
-                    for row in &rows {
-                        if let RowLayer::Conv(c) = &row[li] {
-                            data.extend_from_slice(c);
-                        }
-                    }
-                    let state = float_value(STAGE, s.conv_float, &[b, s.conv_channels, s.conv_width], data)?;
+                    let n = s.conv_channels * s.conv_width;
+                    let parts = sources
+                        .iter()
+                        .map(|src| match layer_of(src, li) {
+                            LayerCache::Conv { state } => {
+                                let row = if let Source::Row(r) = src { *r } else { 0 };
+                                Ok(Part { src: state, row, src_width: n, len: n })
+                            }
+                            LayerCache::Attention { .. } => Err(Error::Internal(format!("layer {li} is not conv"))),
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    let shape = vec![b, s.conv_channels as i64, s.conv_width as i64];
+                    let state = match s.conv_float {
+                        FloatType::F32 => gather::<f32>(&parts, 1, 1, n, shape)?,
+                        FloatType::F16 => gather::<half::f16>(&parts, 1, 1, n, shape)?,
+                    };
                     layers.push(LayerCache::Conv { state });
                 }
                 LayerKind::Attention => {
-                    let (h, d) = (s.kv_heads, s.head_dim);
-                    let mut kd = vec![0f32; b * h * width * d];
-                    let mut vd = vec![0f32; b * h * width * d];
-                    for (r, row) in rows.iter().enumerate() {
-                        if let RowLayer::Attention(k, v) = &row[li] {
-                            let len = lens[r];
-                            for hh in 0..h {
-                                let dst = (r * h + hh) * width * d;
-                                let src = hh * len * d;
-                                kd[dst..dst + len * d].copy_from_slice(&k[src..src + len * d]);
-                                vd[dst..dst + len * d].copy_from_slice(&v[src..src + len * d]);
-                            }
+                    let pick = |value: bool| -> Result<DynValue> {
+                        let parts = sources
+                            .iter()
+                            .zip(&lens)
+                            .map(|(src, &len)| match layer_of(src, li) {
+                                LayerCache::Attention { key, value: v } => {
+                                    let (row, src_width) = match src {
+                                        Source::Row(r) => (*r, batch.width),
+                                        Source::Alone(c) => (0, c.past_len),
+                                    };
+                                    Ok(Part { src: if value { v } else { key }, row, src_width, len })
+                                }
+                                LayerCache::Conv { .. } => Err(Error::Internal(format!("layer {li} is not attention"))),
+                            })
+                            .collect::<Result<Vec<_>>>()?;
+                        let (h, d) = (s.kv_heads, s.head_dim);
+                        let shape = vec![b, h as i64, width as i64, d as i64];
+                        match s.kv_float {
+                            FloatType::F32 => gather::<f32>(&parts, h, d, width, shape),
+                            FloatType::F16 => gather::<half::f16>(&parts, h, d, width, shape),
                         }
-                    }
-                    layers.push(LayerCache::Attention {
-                        key: float_value(STAGE, s.kv_float, &[b, h, width, d], kd)?,
-                        value: float_value(STAGE, s.kv_float, &[b, h, width, d], vd)?,
-                    });
+                    };
+                    let (key, value) = (pick(false)?, pick(true)?);
+                    layers.push(LayerCache::Attention { key, value });
                 }
             }
         }
         Ok(BatchCache { layers, lens, width })
-    }
-
-    fn batch_rows(&self, batch: &BatchCache) -> Result<Vec<Vec<RowLayer>>> {
-        self.rows_of(&batch.layers, &batch.lens, batch.width)
-    }
-
-    fn single_rows(&self, cache: &HybridCache) -> Result<Vec<RowLayer>> {
-        Ok(self.rows_of(&cache.layers, &[cache.past_len], cache.past_len)?.pop().unwrap_or_default())
     }
 
     /// An empty batch.
@@ -158,43 +176,36 @@ impl Model {
 
     /// Adds a prefilled sequence as the last row.
     pub fn batch_join(&self, batch: &mut BatchCache, cache: HybridCache) -> Result<()> {
-        let mut rows = if batch.is_empty() { Vec::new() } else { self.batch_rows(batch)? };
-        rows.push(self.single_rows(&cache)?);
-        let mut lens = std::mem::take(&mut batch.lens);
+        let mut sources: Vec<Source<'_>> = (0..batch.len()).map(Source::Row).collect();
+        sources.push(Source::Alone(&cache));
+        let mut lens = batch.lens.clone();
         lens.push(cache.past_len);
         let width = self.width_for(&lens, 0);
-        *batch = self.assemble(rows, lens, width)?;
+        *batch = self.regather(batch, &sources, width)?;
         Ok(())
     }
 
-    /// Removes the rows at `remove` (sorted or not); the width shrinks to the longest left.
+    /// Removes the rows at `remove` (sorted or not); the width shrinks to fit the longest left.
     pub fn batch_remove(&self, batch: &mut BatchCache, remove: &[usize]) -> Result<()> {
         if remove.is_empty() {
             return Ok(());
         }
-        let rows = self.batch_rows(batch)?;
-        let (rows, lens): (Vec<_>, Vec<_>) = rows
-            .into_iter()
-            .zip(batch.lens.iter().copied())
-            .enumerate()
-            .filter(|(i, _)| !remove.contains(i))
-            .map(|(_, x)| x)
-            .unzip();
-        *batch = if rows.is_empty() {
+        let keep: Vec<usize> = (0..batch.len()).filter(|i| !remove.contains(i)).collect();
+        *batch = if keep.is_empty() {
             self.batch_new()
         } else {
-            let width = self.width_for(&lens, 0);
-            self.assemble(rows, lens, width)?
+            let lens: Vec<usize> = keep.iter().map(|&r| batch.lens[r]).collect();
+            let sources: Vec<Source<'_>> = keep.into_iter().map(Source::Row).collect();
+            self.regather(batch, &sources, self.width_for(&lens, 0))?
         };
         Ok(())
     }
 
     /// Row `r` as a sequence cache of its own.
     pub fn batch_row(&self, batch: &BatchCache, r: usize) -> Result<HybridCache> {
-        let rows = self.batch_rows(batch)?;
-        let row = rows.into_iter().nth(r).ok_or_else(|| Error::Internal(format!("no batch row {r}")))?;
-        let one = self.assemble(vec![row], vec![batch.lens[r]], batch.lens[r])?;
-        Ok(HybridCache { layers: one.layers, past_len: batch.lens[r] })
+        let len = *batch.lens.get(r).ok_or_else(|| Error::Internal(format!("no batch row {r}")))?;
+        let one = self.regather(batch, &[Source::Row(r)], len)?;
+        Ok(HybridCache { layers: one.layers, past_len: len })
     }
 
     /// One decoder step for every row: `ids[r]` is row r's new token embedding input
@@ -204,10 +215,8 @@ impl Model {
         let b = batch.len();
         let total = batch.lens.iter().copied().max().unwrap_or(0) + 1;
         if s.kv_in_place && total > batch.width {
-            let rows = self.batch_rows(batch)?;
-            let lens = std::mem::take(&mut batch.lens);
-            let width = self.width_for(&lens, 1);
-            *batch = self.assemble(rows, lens, width)?;
+            let sources: Vec<Source<'_>> = (0..b).map(Source::Row).collect();
+            *batch = self.regather(batch, &sources, self.width_for(&batch.lens, 1))?;
         }
         let x = float_value(STAGE, s.embeds_float, &[b, 1, s.hidden], embeds)?;
         let mut mask = vec![0i64; b * total];

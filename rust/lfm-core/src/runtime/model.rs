@@ -12,6 +12,12 @@ use crate::preproc::PreprocessedImage;
 use super::graph::{Graph, Port, SessionConfig};
 use super::tensor::{FloatType, check_finite, float_dims, float_value, i64_value, read_floats};
 
+/// Prompt positions per decoder call during prefill (see `Model::prefill`).
+const PREFILL_CHUNK: usize = 512;
+
+/// Tiles per vision-encoder call (see `Model::encode_image`).
+const VISION_ENTRIES_PER_RUN: usize = 2;
+
 /// Where the three graph files are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GraphPaths {
@@ -339,7 +345,10 @@ impl Model {
         })
     }
 
-    /// Image features `[image_tokens * hidden]` of one image (all its tiles in one call).
+    /// Image features `[image_tokens * hidden]` of one image. The tiles go through the
+    /// encoder a few at a time: each tile attends only to itself, so the features are the
+    /// same, while the encoder's working memory (attention scores grow with tiles x
+    /// patches^2) stays that of a few tiles.
     pub fn encode_image(&self, pre: &PreprocessedImage) -> Result<Vec<f32>> {
         const STAGE: &str = "vision_encoder";
         if pre.patch_dim != self.spec.patch_dim {
@@ -348,20 +357,38 @@ impl Model {
                 format!("patches have {} values, the graph takes {}", pre.patch_dim, self.spec.patch_dim),
             ));
         }
-        let (n, p) = (pre.num_entries, pre.patches_per_entry);
-        let pv = float_value(STAGE, self.spec.vision_float, &[n, p, pre.patch_dim], pre.pixel_values.clone())?;
-        let mask = i64_value(STAGE, &[n, p], pre.pixel_attention_mask.clone())?;
-        let shapes = i64_value(STAGE, &[n, 2], pre.spatial_shapes.clone())?;
-        let out = self.vision.run(
-            STAGE,
-            vec![("pixel_values", pv.into()), ("pixel_attention_mask", mask.into()), ("spatial_shapes", shapes.into())],
-        )?;
-        let (shape, feats) = read_floats(STAGE, &out[0].1, None)?;
+        let (n, p, pd) = (pre.num_entries, pre.patches_per_entry, pre.patch_dim);
+        let mut feats = Vec::with_capacity(pre.grid.num_image_tokens() * self.spec.hidden);
+        let mut first = 0;
+        while first < n {
+            let k = VISION_ENTRIES_PER_RUN.min(n - first);
+            let range = |per: usize| first * per..(first + k) * per;
+            let pv = float_value(STAGE, self.spec.vision_float, &[k, p, pd], pre.pixel_values[range(p * pd)].to_vec())?;
+            let mask = i64_value(STAGE, &[k, p], pre.pixel_attention_mask[range(p)].to_vec())?;
+            let shapes = i64_value(STAGE, &[k, 2], pre.spatial_shapes[range(2)].to_vec())?;
+            let out = self.vision.run(
+                STAGE,
+                vec![
+                    ("pixel_values", pv.into()),
+                    ("pixel_attention_mask", mask.into()),
+                    ("spatial_shapes", shapes.into()),
+                ],
+            )?;
+            let (shape, part) = read_floats(STAGE, &out[0].1, None)?;
+            if shape.len() != 2 || shape[1] as usize != self.spec.hidden {
+                return Err(Error::inference(
+                    STAGE,
+                    format!("image_features has shape {shape:?}, expected [tokens, {}]", self.spec.hidden),
+                ));
+            }
+            feats.extend(part);
+            first += k;
+        }
         let want = pre.grid.num_image_tokens();
-        if shape.len() != 2 || shape[0] as usize != want || shape[1] as usize != self.spec.hidden {
+        if feats.len() != want * self.spec.hidden {
             return Err(Error::inference(
                 STAGE,
-                format!("image_features has shape {shape:?}, expected [{want}, {}]", self.spec.hidden),
+                format!("image_features has {} rows, expected {want}", feats.len() / self.spec.hidden),
             ));
         }
         check_finite(STAGE, &feats)?;
@@ -452,6 +479,28 @@ impl Model {
         outputs: Vec<(String, Option<DynValue>)>,
     ) -> Result<Vec<(String, DynValue)>> {
         self.decoder.run_bound("decoder", inputs, outputs)
+    }
+
+    /// Runs a prompt (`embeds` is `[positions * hidden]`) into `cache` and returns the
+    /// logits after its last position. On GroupQueryAttention decoders, which take new
+    /// positions after a cache for one sequence, long prompts go in chunks: the same
+    /// result, with the attention scores of a chunk (not the whole prompt) in memory.
+    pub fn prefill(&self, embeds: Vec<f32>, cache: &mut HybridCache) -> Result<Vec<f32>> {
+        let hidden = self.spec.hidden;
+        let positions = embeds.len() / hidden;
+        let chunk = if self.spec.batching == super::batch::BatchSemantics::MaskLengths {
+            PREFILL_CHUNK
+        } else {
+            positions.max(1)
+        };
+        if positions <= chunk {
+            return self.decode(embeds, positions, cache);
+        }
+        let mut logits = Vec::new();
+        for part in embeds.chunks(chunk * hidden) {
+            logits = self.decode(part.to_vec(), part.len() / hidden, cache)?;
+        }
+        Ok(logits)
     }
 
     /// Runs the decoder on `seq` new positions (`embeds` is `[seq * hidden]`), advances
