@@ -15,9 +15,6 @@ use super::tensor::{FloatType, check_finite, float_dims, float_value, i64_value,
 /// Prompt positions per decoder call during prefill (see `Model::prefill`).
 const PREFILL_CHUNK: usize = 512;
 
-/// Tiles per vision-encoder call (see `Model::encode_image`).
-const VISION_ENTRIES_PER_RUN: usize = 2;
-
 /// Where the three graph files are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GraphPaths {
@@ -56,6 +53,10 @@ pub struct ModelSpec {
     pub batching: super::batch::BatchSemantics,
     /// Whether the attention layers can update a pre-sized key/value cache in place.
     pub kv_in_place: bool,
+    /// Whether the vision encoder quantizes activations with scales taken from its input
+    /// (dynamic int8): then its output depends on which tiles share a call, so all of an
+    /// image's tiles go in one call, as the model card runs it.
+    pub vision_activation_quant: bool,
     pub vision_float: FloatType,
     pub embeds_float: FloatType,
     /// Element types of the conv states and of the key/value caches.
@@ -237,6 +238,8 @@ impl Model {
             spec.batching = super::batch::BatchSemantics::MaskLengths;
         }
         spec.kv_in_place = kv_in_place(&spec.layers, &nodes);
+        spec.vision_activation_quant =
+            super::onnx_proto::graph_nodes(&paths.vision_encoder)?.iter().any(|n| n.op.starts_with("DynamicQuantize"));
         Ok(Model { spec, warnings, vision, embed, decoder })
     }
 
@@ -338,6 +341,7 @@ impl Model {
             layers,
             batching: super::batch::BatchSemantics::CacheWidth,
             kv_in_place: false,
+            vision_activation_quant: false,
             vision_float: float(&pv),
             embeds_float: float(&din),
             conv_float: conv_float.unwrap_or(FloatType::F32),
@@ -345,10 +349,11 @@ impl Model {
         })
     }
 
-    /// Image features `[image_tokens * hidden]` of one image. The tiles go through the
-    /// encoder a few at a time: each tile attends only to itself, so the features are the
-    /// same, while the encoder's working memory (attention scores grow with tiles x
-    /// patches^2) stays that of a few tiles.
+    /// Image features `[image_tokens * hidden]` of one image. Each tile (and the
+    /// thumbnail) goes through the encoder alone and without padding: a tile attends only
+    /// to its own real patches, so the features are the same, the encoder does no work on
+    /// padding, and its working memory (attention scores grow with patches^2) stays that
+    /// of one tile. One tile per call also measured fastest (better cache use).
     pub fn encode_image(&self, pre: &PreprocessedImage) -> Result<Vec<f32>> {
         const STAGE: &str = "vision_encoder";
         if pre.patch_dim != self.spec.patch_dim {
@@ -358,32 +363,25 @@ impl Model {
             ));
         }
         let (n, p, pd) = (pre.num_entries, pre.patches_per_entry, pre.patch_dim);
-        let mut feats = Vec::with_capacity(pre.grid.num_image_tokens() * self.spec.hidden);
-        let mut first = 0;
-        while first < n {
-            let k = VISION_ENTRIES_PER_RUN.min(n - first);
-            let range = |per: usize| first * per..(first + k) * per;
-            let pv = float_value(STAGE, self.spec.vision_float, &[k, p, pd], pre.pixel_values[range(p * pd)].to_vec())?;
-            let mask = i64_value(STAGE, &[k, p], pre.pixel_attention_mask[range(p)].to_vec())?;
-            let shapes = i64_value(STAGE, &[k, 2], pre.spatial_shapes[range(2)].to_vec())?;
-            let out = self.vision.run(
-                STAGE,
-                vec![
-                    ("pixel_values", pv.into()),
-                    ("pixel_attention_mask", mask.into()),
-                    ("spatial_shapes", shapes.into()),
-                ],
-            )?;
-            let (shape, part) = read_floats(STAGE, &out[0].1, None)?;
-            if shape.len() != 2 || shape[1] as usize != self.spec.hidden {
-                return Err(Error::inference(
-                    STAGE,
-                    format!("image_features has shape {shape:?}, expected [tokens, {}]", self.spec.hidden),
-                ));
+        let feats = if self.spec.vision_activation_quant {
+            let (pixels, mask, shapes) =
+                (pre.pixel_values.clone(), pre.pixel_attention_mask.clone(), pre.spatial_shapes.clone());
+            self.run_vision(pixels, mask, shapes, [n, p, pd])?
+        } else {
+            let mut feats = Vec::with_capacity(pre.grid.num_image_tokens() * self.spec.hidden);
+            for entry in 0..n {
+                // Real patches come first; the padding after them is left out.
+                let mask = &pre.pixel_attention_mask[entry * p..(entry + 1) * p];
+                let real = mask.iter().take_while(|&&m| m != 0).count();
+                if real == 0 || mask[real..].iter().any(|&m| m != 0) {
+                    return Err(Error::Internal(format!("entry {entry}: padding is not after the real patches")));
+                }
+                let pixels = pre.pixel_values[entry * p * pd..(entry * p + real) * pd].to_vec();
+                let shape = pre.spatial_shapes[entry * 2..entry * 2 + 2].to_vec();
+                feats.extend(self.run_vision(pixels, vec![1; real], shape, [1, real, pd])?);
             }
-            feats.extend(part);
-            first += k;
-        }
+            feats
+        };
         let want = pre.grid.num_image_tokens();
         if feats.len() != want * self.spec.hidden {
             return Err(Error::inference(
@@ -392,6 +390,26 @@ impl Model {
             ));
         }
         check_finite(STAGE, &feats)?;
+        Ok(feats)
+    }
+
+    /// One vision-encoder call on `[entries, patches, patch_dim]` pixels: the features.
+    fn run_vision(&self, pixels: Vec<f32>, mask: Vec<i64>, shapes: Vec<i64>, dims: [usize; 3]) -> Result<Vec<f32>> {
+        const STAGE: &str = "vision_encoder";
+        let pv = float_value(STAGE, self.spec.vision_float, &dims, pixels)?;
+        let mask = i64_value(STAGE, &dims[..2], mask)?;
+        let shapes = i64_value(STAGE, &[dims[0], 2], shapes)?;
+        let out = self.vision.run(
+            STAGE,
+            vec![("pixel_values", pv.into()), ("pixel_attention_mask", mask.into()), ("spatial_shapes", shapes.into())],
+        )?;
+        let (shape, feats) = read_floats(STAGE, &out[0].1, None)?;
+        if shape.len() != 2 || shape[1] as usize != self.spec.hidden {
+            return Err(Error::inference(
+                STAGE,
+                format!("image_features has shape {shape:?}, expected [tokens, {}]", self.spec.hidden),
+            ));
+        }
         Ok(feats)
     }
 
