@@ -43,7 +43,9 @@ def requests() -> list[tuple[Any, list[Any], lfm.RequestOptions, lfm.Grammar | N
 
 @pytest.mark.parametrize("model", MODELS_UNDER_TEST)
 def test_batched_equals_one_at_a_time(model: str) -> None:
-    batched = lfm.Engine.from_dir(MODELS / model, lfm.EngineOptions(intra_threads=1, providers=PROVIDERS, max_batch_size=8))
+    batched = lfm.Engine.from_dir(
+        MODELS / model, lfm.EngineOptions(intra_threads=1, providers=PROVIDERS, max_batch_size=8)
+    )
     alone = lfm.Engine.from_dir(MODELS / model, lfm.EngineOptions(intra_threads=1, providers=PROVIDERS, batching="off"))
     reqs = requests()
     got: list[Any] = []
@@ -77,18 +79,26 @@ def test_in_place_cache_grows_past_its_headroom() -> None:
     # while rows of different lengths keep decoding.
     opts = lfm.RequestOptions(max_new_tokens=300, min_new_tokens=300, repetition_penalty=1.0)
     msgs = ["Hi", "A much longer prompt " * 6, "Medium prompt here " * 2]
-    e = lfm.Engine.from_dir(MODELS / "tiny16-gqa", lfm.EngineOptions(intra_threads=1, providers=PROVIDERS, max_batch_size=4))
+    e = lfm.Engine.from_dir(
+        MODELS / "tiny16-gqa", lfm.EngineOptions(intra_threads=1, providers=PROVIDERS, max_batch_size=4)
+    )
     out = e.generate_batch(msgs, options=opts)
-    ref = lfm.Engine.from_dir(MODELS / "tiny16-gqa", lfm.EngineOptions(intra_threads=1, providers=PROVIDERS, batching="off"))
+    ref = lfm.Engine.from_dir(
+        MODELS / "tiny16-gqa", lfm.EngineOptions(intra_threads=1, providers=PROVIDERS, batching="off")
+    )
     assert [g.token_ids for g in out] == [ref.generate(m, options=opts).token_ids for m in msgs]
     assert e.stats["max_batch"] == 3
 
 
 def test_generate_batch_batches_on_gqa() -> None:
-    e = lfm.Engine.from_dir(MODELS / "tiny16-gqa", lfm.EngineOptions(intra_threads=1, providers=PROVIDERS, max_batch_size=4))
+    e = lfm.Engine.from_dir(
+        MODELS / "tiny16-gqa", lfm.EngineOptions(intra_threads=1, providers=PROVIDERS, max_batch_size=4)
+    )
     msgs = [f"Prompt number {i} " + "x " * i for i in range(10)]
     out = e.generate_batch(msgs, options=lfm.RequestOptions(max_new_tokens=16, repetition_penalty=1.0))
-    ref = lfm.Engine.from_dir(MODELS / "tiny16-gqa", lfm.EngineOptions(intra_threads=1, providers=PROVIDERS, batching="off"))
+    ref = lfm.Engine.from_dir(
+        MODELS / "tiny16-gqa", lfm.EngineOptions(intra_threads=1, providers=PROVIDERS, batching="off")
+    )
     assert [g.token_ids for g in out] == [
         ref.generate(m, options=lfm.RequestOptions(max_new_tokens=16, repetition_penalty=1.0)).token_ids for m in msgs
     ]  # type: ignore[union-attr]
