@@ -82,6 +82,15 @@ where
     Ok(ort::value::Tensor::from_array((shape, out)).map_err(|e| Error::inference(STAGE, e))?.into_dyn())
 }
 
+/// One row of one layer of a new batch: the layer it is copied from, its row there, the
+/// positions that layer holds per row, and the valid ones.
+struct Rowed<'a> {
+    layer: &'a LayerCache,
+    row: usize,
+    src_width: usize,
+    len: usize,
+}
+
 /// Where a row of a new batch comes from.
 enum Source<'a> {
     /// Row `r` of the current batch.
@@ -97,10 +106,61 @@ impl Model {
         if self.spec.kv_in_place { longest + IN_PLACE_HEADROOM } else { longest }
     }
 
-    /// A new batch of `width` positions per row whose rows are copied from `sources`
-    /// (rows of `batch`, or single caches), straight from tensor to tensor.
-    fn regather<'a>(&self, batch: &'a BatchCache, sources: &[Source<'a>], width: usize) -> Result<BatchCache> {
+    /// One layer of a new batch of `width` positions per row, its rows copied from `from`.
+    fn gather_layer(&self, li: usize, from: &[Rowed<'_>], width: usize) -> Result<LayerCache> {
         let s = &self.spec;
+        let b = from.len() as i64;
+        let wrong = |kind: &str| Error::Internal(format!("layer {li} of a cache is not {kind}"));
+        Ok(match s.layers[li] {
+            LayerKind::Conv => {
+                let n = s.conv_channels * s.conv_width;
+                let parts = from
+                    .iter()
+                    .map(|f| match f.layer {
+                        LayerCache::Conv { state } => Ok(Part { src: state, row: f.row, src_width: n, len: n }),
+                        LayerCache::Attention { .. } => Err(wrong("conv")),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let shape = vec![b, s.conv_channels as i64, s.conv_width as i64];
+                let state = match s.conv_float {
+                    FloatType::F32 => gather::<f32>(&parts, 1, 1, n, shape)?,
+                    FloatType::F16 => gather::<half::f16>(&parts, 1, 1, n, shape)?,
+                };
+                LayerCache::Conv { state }
+            }
+            LayerKind::Attention => {
+                let pick = |value: bool| -> Result<DynValue> {
+                    let parts = from
+                        .iter()
+                        .map(|f| match f.layer {
+                            LayerCache::Attention { key, value: v } => Ok(Part {
+                                src: if value { v } else { key },
+                                row: f.row,
+                                src_width: f.src_width,
+                                len: f.len,
+                            }),
+                            LayerCache::Conv { .. } => Err(wrong("attention")),
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    let (h, d) = (s.kv_heads, s.head_dim);
+                    let shape = vec![b, h as i64, width as i64, d as i64];
+                    match s.kv_float {
+                        FloatType::F32 => gather::<f32>(&parts, h, d, width, shape),
+                        FloatType::F16 => gather::<half::f16>(&parts, h, d, width, shape),
+                    }
+                };
+                let (key, value) = (pick(false)?, pick(true)?);
+                LayerCache::Attention { key, value }
+            }
+        })
+    }
+
+    /// Rebuilds `batch` with `width` positions per row and its rows copied from `sources`
+    /// (its own rows, or single caches), tensor to tensor. It goes layer by layer and drops
+    /// each old layer once its replacement exists, so at most one layer is held twice, not
+    /// the whole cache. On an error the batch is left empty of layers (the caller fails its
+    /// sequences).
+    fn regather(&self, batch: &mut BatchCache, sources: &[Source<'_>], width: usize) -> Result<()> {
         let lens: Vec<usize> = sources
             .iter()
             .map(|src| match src {
@@ -108,65 +168,26 @@ impl Model {
                 Source::Alone(c) => c.past_len,
             })
             .collect();
-        let b = sources.len() as i64;
-        fn layer<'a>(batch: &'a BatchCache, src: &Source<'a>, li: usize) -> &'a LayerCache {
-            match src {
-                Source::Row(_) => &batch.layers[li],
-                Source::Alone(c) => &c.layers[li],
-            }
+        let old_width = batch.width;
+        let mut old_layers = std::mem::take(&mut batch.layers).into_iter();
+        let mut layers = Vec::with_capacity(self.spec.layers.len());
+        for li in 0..self.spec.layers.len() {
+            let old = old_layers.next();
+            let from = sources
+                .iter()
+                .zip(&lens)
+                .map(|(src, &len)| match src {
+                    Source::Row(r) => old
+                        .as_ref()
+                        .map(|layer| Rowed { layer, row: *r, src_width: old_width, len })
+                        .ok_or_else(|| Error::Internal("the batch has fewer layers than the model".into())),
+                    Source::Alone(c) => Ok(Rowed { layer: &c.layers[li], row: 0, src_width: c.past_len, len }),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            layers.push(self.gather_layer(li, &from, width)?);
         }
-        let layer_of = |src: &Source<'a>, li: usize| layer(batch, src, li);
-        let mut layers = Vec::with_capacity(s.layers.len());
-        for (li, kind) in s.layers.iter().enumerate() {
-            match kind {
-                LayerKind::Conv => {
-                    let n = s.conv_channels * s.conv_width;
-                    let parts = sources
-                        .iter()
-                        .map(|src| match layer_of(src, li) {
-                            LayerCache::Conv { state } => {
-                                let row = if let Source::Row(r) = src { *r } else { 0 };
-                                Ok(Part { src: state, row, src_width: n, len: n })
-                            }
-                            LayerCache::Attention { .. } => Err(Error::Internal(format!("layer {li} is not conv"))),
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    let shape = vec![b, s.conv_channels as i64, s.conv_width as i64];
-                    let state = match s.conv_float {
-                        FloatType::F32 => gather::<f32>(&parts, 1, 1, n, shape)?,
-                        FloatType::F16 => gather::<half::f16>(&parts, 1, 1, n, shape)?,
-                    };
-                    layers.push(LayerCache::Conv { state });
-                }
-                LayerKind::Attention => {
-                    let pick = |value: bool| -> Result<DynValue> {
-                        let parts = sources
-                            .iter()
-                            .zip(&lens)
-                            .map(|(src, &len)| match layer_of(src, li) {
-                                LayerCache::Attention { key, value: v } => {
-                                    let (row, src_width) = match src {
-                                        Source::Row(r) => (*r, batch.width),
-                                        Source::Alone(c) => (0, c.past_len),
-                                    };
-                                    Ok(Part { src: if value { v } else { key }, row, src_width, len })
-                                }
-                                LayerCache::Conv { .. } => Err(Error::Internal(format!("layer {li} is not attention"))),
-                            })
-                            .collect::<Result<Vec<_>>>()?;
-                        let (h, d) = (s.kv_heads, s.head_dim);
-                        let shape = vec![b, h as i64, width as i64, d as i64];
-                        match s.kv_float {
-                            FloatType::F32 => gather::<f32>(&parts, h, d, width, shape),
-                            FloatType::F16 => gather::<half::f16>(&parts, h, d, width, shape),
-                        }
-                    };
-                    let (key, value) = (pick(false)?, pick(true)?);
-                    layers.push(LayerCache::Attention { key, value });
-                }
-            }
-        }
-        Ok(BatchCache { layers, lens, width })
+        *batch = BatchCache { layers, lens, width };
+        Ok(())
     }
 
     /// An empty batch.
@@ -181,8 +202,7 @@ impl Model {
         let mut lens = batch.lens.clone();
         lens.push(cache.past_len);
         let width = self.width_for(&lens, 0);
-        *batch = self.regather(batch, &sources, width)?;
-        Ok(())
+        self.regather(batch, &sources, width)
     }
 
     /// Removes the rows at `remove` (sorted or not); the width shrinks to fit the longest left.
@@ -191,21 +211,25 @@ impl Model {
             return Ok(());
         }
         let keep: Vec<usize> = (0..batch.len()).filter(|i| !remove.contains(i)).collect();
-        *batch = if keep.is_empty() {
-            self.batch_new()
-        } else {
-            let lens: Vec<usize> = keep.iter().map(|&r| batch.lens[r]).collect();
-            let sources: Vec<Source<'_>> = keep.into_iter().map(Source::Row).collect();
-            self.regather(batch, &sources, self.width_for(&lens, 0))?
-        };
-        Ok(())
+        if keep.is_empty() {
+            *batch = self.batch_new();
+            return Ok(());
+        }
+        let lens: Vec<usize> = keep.iter().map(|&r| batch.lens[r]).collect();
+        let sources: Vec<Source<'_>> = keep.into_iter().map(Source::Row).collect();
+        self.regather(batch, &sources, self.width_for(&lens, 0))
     }
 
     /// Row `r` as a sequence cache of its own.
     pub fn batch_row(&self, batch: &BatchCache, r: usize) -> Result<HybridCache> {
         let len = *batch.lens.get(r).ok_or_else(|| Error::Internal(format!("no batch row {r}")))?;
-        let one = self.regather(batch, &[Source::Row(r)], len)?;
-        Ok(HybridCache { layers: one.layers, past_len: len })
+        let layers = (0..self.spec.layers.len())
+            .map(|li| {
+                let row = Rowed { layer: &batch.layers[li], row: r, src_width: batch.width, len };
+                self.gather_layer(li, &[row], len)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(HybridCache { layers, past_len: len })
     }
 
     /// One decoder step for every row: `ids[r]` is row r's new token embedding input
@@ -216,7 +240,8 @@ impl Model {
         let total = batch.lens.iter().copied().max().unwrap_or(0) + 1;
         if s.kv_in_place && total > batch.width {
             let sources: Vec<Source<'_>> = (0..b).map(Source::Row).collect();
-            *batch = self.regather(batch, &sources, self.width_for(&batch.lens, 1))?;
+            let width = self.width_for(&batch.lens, 1);
+            self.regather(batch, &sources, width)?;
         }
         let x = float_value(STAGE, s.embeds_float, &[b, 1, s.hidden], embeds)?;
         let mut mask = vec![0i64; b * total];
