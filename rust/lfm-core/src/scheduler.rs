@@ -150,7 +150,16 @@ impl Worker {
         };
         match joined {
             Ok(()) => self.active.push(Running { seq, logits, reply }),
-            Err(e) => reply(Err(e)),
+            Err(e) => {
+                // A failed join may leave the batch's cache incomplete: its rows fail too
+                // rather than decode from it.
+                let broken = matches!(self.caches, Caches::Batched(_)) && !self.active.is_empty();
+                let msg = e.to_string();
+                reply(Err(e));
+                if broken {
+                    self.fail_all(Error::Internal(format!("a sequence could not join the batch: {msg}")));
+                }
+            }
         }
     }
 
