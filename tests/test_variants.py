@@ -58,7 +58,7 @@ from typing import Any
 import lfm
 import numpy as np
 import pytest
-from conftest import MODELS, grad
+from conftest import MODELS, PROVIDERS, grad
 
 onnx = pytest.importorskip("onnx", reason="building the variant files needs onnx (pip install -e .[test])")
 ort = pytest.importorskip("onnxruntime")
@@ -126,7 +126,7 @@ def engine(variants: Path) -> Iterator[Any]:
     def get(name: str, variant: Any = "fp32", **opts: Any) -> lfm.Engine:
         key = (name, repr(variant), repr(sorted(opts.items())))
         if key not in _ENGINES:
-            opt = lfm.EngineOptions(intra_threads=1, variant=variant, **opts)
+            opt = lfm.EngineOptions(intra_threads=1, variant=variant, providers=PROVIDERS, **opts)
             _ENGINES[key] = lfm.Engine.from_dir(variants / name, opt)
         return _ENGINES[key]
 
@@ -375,8 +375,8 @@ FALLBACK = "batched decoder steps differ from single-sequence steps"
 
 def run_batch(variants: Path, variant: Any) -> tuple[lfm.Engine, list[str]]:
     d = variants / "tiny16-gqa"
-    batched = lfm.Engine.from_dir(d, lfm.EngineOptions(intra_threads=1, variant=variant, max_batch_size=4))
-    alone = lfm.Engine.from_dir(d, lfm.EngineOptions(intra_threads=1, variant=variant, batching="off"))
+    batched = lfm.Engine.from_dir(d, lfm.EngineOptions(intra_threads=1, variant=variant, max_batch_size=4, providers=PROVIDERS))
+    alone = lfm.Engine.from_dir(d, lfm.EngineOptions(intra_threads=1, variant=variant, batching="off", providers=PROVIDERS))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = batched.generate_batch(BATCH_MSGS, BATCH_IMGS, options=GREEDY)
