@@ -375,8 +375,12 @@ FALLBACK = "batched decoder steps differ from single-sequence steps"
 
 def run_batch(variants: Path, variant: Any) -> tuple[lfm.Engine, list[str]]:
     d = variants / "tiny16-gqa"
-    batched = lfm.Engine.from_dir(d, lfm.EngineOptions(intra_threads=1, variant=variant, max_batch_size=4, providers=PROVIDERS))
-    alone = lfm.Engine.from_dir(d, lfm.EngineOptions(intra_threads=1, variant=variant, batching="off", providers=PROVIDERS))
+    batched = lfm.Engine.from_dir(
+        d, lfm.EngineOptions(intra_threads=1, variant=variant, max_batch_size=4, providers=PROVIDERS)
+    )
+    alone = lfm.Engine.from_dir(
+        d, lfm.EngineOptions(intra_threads=1, variant=variant, batching="off", providers=PROVIDERS)
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = batched.generate_batch(BATCH_MSGS, BATCH_IMGS, options=GREEDY)
