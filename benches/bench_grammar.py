@@ -34,39 +34,11 @@ import time
 import lfm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _machine import cpu_name, cpu_reading, foreign_cores  # noqa: E402
+
 ROOT = os.path.dirname(HERE)
 TARGET_PCT = 5.0
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_jiffies() -> tuple[int, int] | None:
-    """(busy jiffies of the whole machine, jiffies of this process), or None without /proc."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return sum(v) - v[3] - v[4], int(fields[11]) + int(fields[12])  # minus idle, iowait; utime + stime
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def foreign_cores(before: tuple[int, int] | None, after: tuple[int, int] | None, wall: float) -> float:
-    """CPU cores other processes used on average between two _cpu_jiffies() readings."""
-    if before is None or after is None or wall <= 0:
-        return 0.0
-    hz = os.sysconf("SC_CLK_TCK")
-    return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / hz / wall)
 
 
 def main() -> None:
@@ -108,10 +80,10 @@ def main() -> None:
     for rnd in range(args.repeats + 1):  # round 0: warm-up (builds the grammar compiler's token trie)
         for name, grammar in modes.items():
             while True:
-                j0, t0 = _cpu_jiffies(), time.perf_counter()
+                r0, t0 = cpu_reading(), time.perf_counter()
                 gen = engine.generate(prompt, options=opts, grammar=grammar)
                 wall = time.perf_counter() - t0
-                foreign = foreign_cores(j0, _cpu_jiffies(), wall)
+                foreign = foreign_cores(r0, cpu_reading(), wall)
                 if rnd == 0 or foreign <= args.max_foreign or retries >= args.max_retries:
                     break
                 retries += 1

@@ -64,6 +64,9 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _machine import cpu_name, cpu_reading, foreign_cores  # noqa: E402
+
 ROOT = os.path.dirname(HERE)
 PROMPT = "Write a one-sentence caption for this image."
 SIZES = [(640, 480), (1024, 768), (300, 400), (1920, 1080)]
@@ -100,43 +103,14 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _busy_jiffies() -> int | None:
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v) - v[3] - v[4]  # minus idle, iowait
-    except (OSError, ValueError):
-        return None
-
-
-def _self_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 def wait_quiet(max_foreign: float, max_wait_s: float, sample_s: float = 5.0, pause_s: float = 20.0) -> float:
     """Waits (up to max_wait_s) until other processes use under max_foreign cores over
     sample_s seconds. Returns the last reading."""
-    hz = os.sysconf("SC_CLK_TCK")
     t_end = time.time() + max_wait_s
     while True:
-        j0, c0 = _busy_jiffies(), _self_cpu_s()
+        r0 = cpu_reading()
         time.sleep(sample_s)
-        j1, c1 = _busy_jiffies(), _self_cpu_s()
-        if j0 is None or j1 is None:
-            return 0.0
-        foreign = max(0.0, ((j1 - j0) / hz - (c1 - c0)) / sample_s)
+        foreign = foreign_cores(r0, cpu_reading(), sample_s)
         if foreign <= max_foreign or time.time() > t_end:
             return foreign
         print(f"  waiting: other processes use {foreign:.2f} cores (load average {os.getloadavg()[0]:.2f})", flush=True)
@@ -147,19 +121,38 @@ def clean_run(fn, job: dict, label: str):
     """Runs fn() (one request of a one-at-a-time system) until other processes used at most
     job["max_foreign"] cores during it (at most job["max_retries"] redos), first waiting for a
     quiet second. Returns (fn's result, wall s, foreign cores, attempts)."""
-    hz = os.sysconf("SC_CLK_TCK")
     attempt = 0
     while True:
         attempt += 1
         wait_quiet(job["max_foreign"], job["max_wait"], sample_s=1.0, pause_s=5.0)
-        j0, c0, t0 = _busy_jiffies(), _self_cpu_s(), _now()
+        r0, t0 = cpu_reading(), _now()
         r = fn()
         wall = _now() - t0
-        j1, c1 = _busy_jiffies(), _self_cpu_s()
-        foreign = 0.0 if j0 is None else max(0.0, ((j1 - j0) / hz - (c1 - c0)) / wall)
+        foreign = foreign_cores(r0, cpu_reading(), wall)
         if foreign <= job["max_foreign"] or attempt > job["max_retries"]:
             return r, wall, foreign, attempt
         print(f"    redo {label}: other processes used {foreign:.2f} cores", flush=True)
+
+
+def caption_one_at_a_time(caption, job: dict) -> dict:
+    """The job for a one-at-a-time peer: caption(path, min_new, max_new) -> record, after a
+    warm-up, each file under clean_run. Returns job_s, recs, rss_before_job_mb, decode_tok_s."""
+    caption(job["warmup"], 4, 4)
+    rss_before = _rss_mb()
+    n = job["new_tokens"]
+    recs = []
+    job_s = 0.0
+    for f in job["files"]:
+        r, wall, foreign, attempts = clean_run(lambda f=f: caption(f, n, n), job, os.path.basename(f))
+        job_s += wall
+        r.update(foreign_cores=foreign, attempts=attempts)
+        recs.append(r)
+        ort_step = f"ORT {1000 * r['ort_step_s']:.1f} ms/step, " if "ort_step_s" in r else ""
+        print(f"    {r['file']:22s} {r['prompt_tokens']:5d} prompt tok, TTFT {r['ttft_s']:6.2f}s, decode {r['decode_s']:6.2f}s, "
+              f"{ort_step}other processes {foreign:.2f} cores", flush=True)
+    dec = sum(r["decode_s"] for r in recs)
+    return {"job_s": job_s, "recs": recs, "rss_before_job_mb": rss_before,
+            "decode_tok_s": sum(r["completion_tokens"] - 1 for r in recs) / max(dec, 1e-9)}
 
 
 def make_image(width: int, height: int, seed: int):
@@ -374,21 +367,7 @@ def worker_plain(job: dict) -> dict:
                 "ttft_s": t_first - t_start, "decode_s": t_end - t_first, "step_s": (t_end - t_first) / max(n - 1, 1),
                 "ort_step_s": sum(run_s[1:n]) / max(n - 1, 1), "wall_s": t_end - t_start, "token_ids": generated}
 
-    caption(job["warmup"], 4, 4)
-    rss_before = _rss_mb()
-    n = job["new_tokens"]
-    recs = []
-    job_s = 0.0
-    for f in job["files"]:
-        r, wall, foreign, attempts = clean_run(lambda f=f: caption(f, n, n), job, os.path.basename(f))
-        job_s += wall
-        r.update(foreign_cores=foreign, attempts=attempts)
-        recs.append(r)
-        print(f"    {r['file']:22s} {r['prompt_tokens']:5d} prompt tok, TTFT {r['ttft_s']:6.2f}s, decode {r['decode_s']:6.2f}s, "
-              f"ORT {1000 * r['ort_step_s']:.1f} ms/step, other processes {foreign:.2f} cores", flush=True)
-    dec = sum(r["decode_s"] for r in recs)
-    return {"load_s": load_s, "job_s": job_s, "recs": recs, "rss_before_job_mb": rss_before,
-            "decode_tok_s": sum(r["completion_tokens"] - 1 for r in recs) / max(dec, 1e-9),
+    return {"load_s": load_s, **caption_one_at_a_time(caption, job),
             "versions": {"onnxruntime": ort.__version__}}
 
 
@@ -440,21 +419,7 @@ def worker_hf(job: dict) -> dict:
                 "ttft_s": t_first - t_start, "decode_s": st.t[-1] - t_first,
                 "step_s": (st.t[-1] - t_first) / max(n - 1, 1), "wall_s": t_end - t_start, "token_ids": new}
 
-    caption(job["warmup"], 4, 4)
-    rss_before = _rss_mb()
-    n = job["new_tokens"]
-    recs = []
-    job_s = 0.0
-    for f in job["files"]:
-        r, wall, foreign, attempts = clean_run(lambda f=f: caption(f, n, n), job, os.path.basename(f))
-        job_s += wall
-        r.update(foreign_cores=foreign, attempts=attempts)
-        recs.append(r)
-        print(f"    {r['file']:22s} {r['prompt_tokens']:5d} prompt tok, TTFT {r['ttft_s']:6.2f}s, decode {r['decode_s']:6.2f}s, "
-              f"other processes {foreign:.2f} cores", flush=True)
-    dec = sum(r["decode_s"] for r in recs)
-    return {"load_s": load_s, "job_s": job_s, "recs": recs, "rss_before_job_mb": rss_before,
-            "decode_tok_s": sum(r["completion_tokens"] - 1 for r in recs) / max(dec, 1e-9),
+    return {"load_s": load_s, **caption_one_at_a_time(caption, job),
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
 
@@ -570,7 +535,6 @@ def run_system(name: str, args, files, warm, tmp) -> dict:
     jp, rp = os.path.join(tmp, f"{name}.job.json"), os.path.join(tmp, f"{name}.result.json")
     with open(jp, "w") as f:
         json.dump(job, f)
-    hz = os.sysconf("SC_CLK_TCK")
     attempt = 0
     while True:
         attempt += 1
@@ -578,16 +542,16 @@ def run_system(name: str, args, files, warm, tmp) -> dict:
         print(f"[{name}] {SYSTEMS[name][3]} (attempt {attempt}; other processes {quiet:.2f} cores, "
               f"load average {os.getloadavg()[0]:.2f})", flush=True)
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(args.threads))
-        j0, c0, t0 = _busy_jiffies(), _self_cpu_s(), _now()
+        r0, t0 = cpu_reading(), _now()
         p = subprocess.Popen([py, os.path.abspath(__file__), "--worker", "--job", jp, "--result", rp], env=env)
         _, status, ru = os.wait4(p.pid, 0)
         p.returncode = os.waitstatus_to_exitcode(status)
         wall = _now() - t0
-        j1, c1 = _busy_jiffies(), _self_cpu_s()
+        r1 = cpu_reading()
         if p.returncode != 0:
             raise SystemExit(f"[{name}] worker failed with exit code {p.returncode}")
         child_cpu = ru.ru_utime + ru.ru_stime
-        foreign = 0.0 if j0 is None else max(0.0, ((j1 - j0) / hz - child_cpu - (c1 - c0)) / wall)
+        foreign = foreign_cores(r0, r1, wall, children_s=child_cpu)
         with open(rp) as f:
             res = json.load(f)
         res.update(peak_rss_mb=ru.ru_maxrss / 1024, process_wall_s=wall, child_cpu_s=child_cpu,
