@@ -279,17 +279,10 @@ def _lfm_rec(f, g, wall, ttft):
 
 def _ref_setup(threads: int):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts"))
+    import fixture_lib
 
-    try:  # see scripts/make_fixtures.py: a CUDA-only torchvision C extension next to a CPU torch
-        import torchvision
-    except RuntimeError:
-        for m in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[m]
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        import torchvision  # noqa: F401
+    torch = fixture_lib.import_torch()
     torch.set_num_threads(threads)
     return torch
 

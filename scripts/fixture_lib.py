@@ -4,7 +4,8 @@ Everything here is deterministic: the synthetic test images are defined by a for
 the synthetic tokenizer's merges are learned from a corpus generated from a fixed seed,
 and the tiny models are drawn from seeded generators.
 
-Only the generator imports this module; the project's tests never need torch.
+Only the generators (and the throughput benchmark, for `import_torch`) import this module;
+the project's tests never need torch.
 """
 from __future__ import annotations
 
@@ -15,6 +16,31 @@ import random
 from collections import Counter
 
 import numpy as np
+
+_TORCHVISION_SCHEMAS: list = []
+
+
+def import_torch():
+    """Imports torch and torchvision (which transformers' image processor needs) and returns
+    torch. Where only a CUDA-linked torchvision wheel sits next to a CPU torch, its C
+    extension cannot load and the import fails on the missing torchvision::nms / ::qnms
+    schemas; declaring them lets the pure-Python transforms import."""
+    import sys
+
+    import torch
+
+    try:
+        import torchvision
+    except RuntimeError:
+        for m in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[m]
+        lib = torch.library.Library("torchvision", "DEF")
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        import torchvision
+        _TORCHVISION_SCHEMAS.append(lib)  # the definitions live as long as the Library object
+    return torch
+
 
 # --------------------------------------------------------------------------------------
 # test images

@@ -34,20 +34,7 @@ sys.path.insert(0, HERE)
 
 import fixture_lib as L  # noqa: E402
 
-# The transformers image processor imports torchvision. Where only a CUDA-linked torchvision wheel
-# sits next to a CPU torch, its C extension cannot load and the import fails on the missing
-# torchvision::nms / ::qnms schemas; declaring them lets the pure-Python transforms import.
-import torch  # noqa: E402
-
-try:
-    import torchvision
-except RuntimeError:
-    for _m in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[_m]
-    _tv_lib = torch.library.Library("torchvision", "DEF")
-    _tv_lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _tv_lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import torchvision  # noqa: F401
+torch = L.import_torch()
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
