@@ -281,32 +281,40 @@ impl Model {
     /// attention writes each row's new position into the batch's own buffers. Returns the
     /// logits; the conv states are replaced by the step's.
     fn decode_in_place(&self, x: DynValue, mask: DynValue, batch: &mut BatchCache) -> Result<DynValue> {
-        let names = super::model::cache_input_names(&self.spec.layers);
+        let names: Vec<(String, String)> =
+            (self.spec.layers.iter().enumerate()).flat_map(|(i, &kind)| super::model::cache_names(i, kind)).collect();
         let mut outputs: Vec<(String, Option<DynValue>)> = vec![("logits".to_string(), None)];
         let mut inputs: Vec<(&str, &DynValue)> = vec![("inputs_embeds", &x), ("attention_mask", &mask)];
         let mut name = names.iter();
+        let mut next_name = || name.next().ok_or_else(|| Error::Internal("fewer cache names than caches".into()));
         for layer in &mut batch.layers {
             match layer {
                 LayerCache::Conv { state } => {
-                    let past = name.next().map_or("", String::as_str);
-                    outputs.push((past.replacen("past_conv", "present_conv", 1), None));
+                    let (past, present) = next_name()?;
+                    outputs.push((present.clone(), None));
                     inputs.push((past, state));
                 }
                 LayerCache::Attention { key, value } => {
                     for tensor in [key, value] {
-                        let past = name.next().map_or("", String::as_str);
-                        outputs.push((past.replacen("past_key_values", "present", 1), Some(shared(tensor)?)));
+                        let (past, present) = next_name()?;
+                        outputs.push((present.clone(), Some(shared(tensor)?)));
                         inputs.push((past, tensor));
                     }
                 }
             }
         }
-        let mut out = self.run_bound_decoder(&inputs, outputs)?.into_iter();
-        let logits = out.next().map(|(_, v)| v).ok_or_else(|| Error::inference(STAGE, "no logits"))?;
-        let mut convs = out.filter(|(n, _)| n.starts_with("present_conv"));
+        // Outputs come back in the order bound: logits, then each layer's cache.
+        let mut out = self.run_bound_decoder(&inputs, outputs)?.into_iter().map(|(_, v)| v);
+        let logits = out.next().ok_or_else(|| Error::inference(STAGE, "no logits"))?;
         for layer in &mut batch.layers {
-            if let LayerCache::Conv { state } = layer {
-                *state = convs.next().map(|(_, v)| v).ok_or_else(|| Error::inference(STAGE, "conv state missing"))?;
+            match layer {
+                LayerCache::Conv { state } => {
+                    *state = out.next().ok_or_else(|| Error::inference(STAGE, "conv state missing"))?;
+                }
+                // Written in place: the returned handles are the layer's own buffers.
+                LayerCache::Attention { .. } => {
+                    out.nth(1);
+                }
             }
         }
         Ok(logits)

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{DynValue, TensorElementType, ValueType};
@@ -222,7 +223,6 @@ impl Graph {
         for (name, value) in inputs {
             binding.bind_input(*name, *value).map_err(err)?;
         }
-        use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
         let cpu = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(err)?;
         let names: Vec<String> = outputs.iter().map(|(n, _)| n.clone()).collect();
         for (name, value) in outputs {

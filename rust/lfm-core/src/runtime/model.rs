@@ -76,19 +76,20 @@ pub struct HybridCache {
     pub past_len: usize,
 }
 
-/// Cache input names in layer order: `past_conv.i`, or `past_key_values.i.key` and `.value`.
-pub(crate) fn cache_input_names(layers: &[LayerKind]) -> Vec<String> {
-    let mut names = Vec::new();
-    for (i, k) in layers.iter().enumerate() {
-        match k {
-            LayerKind::Conv => names.push(past_conv(i)),
-            LayerKind::Attention => {
-                names.push(past_kv(i, "key"));
-                names.push(past_kv(i, "value"));
-            }
+/// `(past input, present output)` names of layer `i`'s cache tensors: `past_conv.i` /
+/// `present_conv.i`, or `past_key_values.i.key` / `present.i.key` and the same for `.value`.
+pub(crate) fn cache_names(i: usize, kind: LayerKind) -> Vec<(String, String)> {
+    match kind {
+        LayerKind::Conv => vec![(past_conv(i), present_conv(i))],
+        LayerKind::Attention => {
+            vec![(past_kv(i, "key"), present_kv(i, "key")), (past_kv(i, "value"), present_kv(i, "value"))]
         }
     }
-    names
+}
+
+/// Cache input names in layer order.
+pub(crate) fn cache_input_names(layers: &[LayerKind]) -> Vec<String> {
+    layers.iter().enumerate().flat_map(|(i, &k)| cache_names(i, k)).map(|(past, _)| past).collect()
 }
 
 /// The decoder's inputs: embeddings, mask, then each layer's cache under its input name.
@@ -290,13 +291,7 @@ impl Model {
             }
         };
         for (i, kind) in layers.iter().enumerate() {
-            let pairs: Vec<(String, String)> = match kind {
-                LayerKind::Conv => vec![(past_conv(i), present_conv(i))],
-                LayerKind::Attention => {
-                    vec![(past_kv(i, "key"), present_kv(i, "key")), (past_kv(i, "value"), present_kv(i, "value"))]
-                }
-            };
-            for (past, present) in pairs {
+            for (past, present) in cache_names(i, *kind) {
                 let (rank, doc) = match kind {
                     LayerKind::Conv => (3, "[batch, channels, width]"),
                     LayerKind::Attention => (4, "[batch, kv_heads, positions, head_dim]"),
@@ -506,16 +501,11 @@ impl Model {
     pub fn prefill(&self, embeds: Vec<f32>, cache: &mut HybridCache) -> Result<Vec<f32>> {
         let hidden = self.spec.hidden;
         let positions = embeds.len() / hidden;
-        let chunk = if self.spec.batching == super::batch::BatchSemantics::MaskLengths {
-            PREFILL_CHUNK
-        } else {
-            positions.max(1)
-        };
-        if positions <= chunk {
+        if self.spec.batching != super::batch::BatchSemantics::MaskLengths || positions <= PREFILL_CHUNK {
             return self.decode(embeds, positions, cache);
         }
         let mut logits = Vec::new();
-        for part in embeds.chunks(chunk * hidden) {
+        for part in embeds.chunks(PREFILL_CHUNK * hidden) {
             logits = self.decode(part.to_vec(), part.len() / hidden, cache)?;
         }
         Ok(logits)
