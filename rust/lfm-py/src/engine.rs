@@ -322,6 +322,7 @@ impl PyEngine {
         };
         d.set_item("attention_rows", batching)?;
         d.set_item("kv_cache", if s.kv_in_place { "in_place" } else { "copied" })?;
+        d.set_item("vision_attention", if s.vision_fused { "fused" } else { "as_exported" })?;
         Ok(d)
     }
 

@@ -5,6 +5,7 @@ pub mod graph;
 pub mod model;
 pub mod onnx_proto;
 pub mod tensor;
+pub mod vision_fusion;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -57,6 +57,8 @@ pub struct ModelSpec {
     /// (dynamic int8): then its output depends on which tiles share a call, so all of an
     /// image's tiles go in one call, as the model card runs it.
     pub vision_activation_quant: bool,
+    /// Whether the vision encoder runs with fused attention and GELU (`vision_fusion`).
+    pub vision_fused: bool,
     pub vision_float: FloatType,
     pub embeds_float: FloatType,
     /// Element types of the conv states and of the key/value caches.
@@ -219,7 +221,9 @@ impl std::fmt::Debug for Model {
 impl Model {
     pub fn load(paths: &GraphPaths, config: &SessionConfig) -> Result<Model> {
         let mut warnings = Vec::new();
-        let vision = Graph::load(&paths.vision_encoder, config, &mut warnings)?;
+        let vision_activation_quant =
+            super::onnx_proto::graph_nodes(&paths.vision_encoder)?.iter().any(|n| n.op.starts_with("DynamicQuantize"));
+        let (vision, vision_fused) = Self::load_vision(paths, config, &mut warnings, vision_activation_quant)?;
         let embed = Graph::load(&paths.embed_tokens, config, &mut warnings)?;
         // The decoder returns logits for every position; after the prompt only the last
         // row is used, so the LM head is moved behind a slice of the last position when
@@ -239,9 +243,31 @@ impl Model {
             spec.batching = super::batch::BatchSemantics::MaskLengths;
         }
         spec.kv_in_place = kv_in_place(&spec.layers, &nodes);
-        spec.vision_activation_quant =
-            super::onnx_proto::graph_nodes(&paths.vision_encoder)?.iter().any(|n| n.op.starts_with("DynamicQuantize"));
+        spec.vision_activation_quant = vision_activation_quant;
+        spec.vision_fused = vision_fused;
         Ok(Model { spec, warnings, vision, embed, decoder })
+    }
+
+    /// The vision encoder, with its attention and GELU fused into ONNX Runtime's kernels
+    /// where `vision_fusion` recognises them (second value: whether it did). Fusion drops
+    /// the padding mask, which is sound because `encode_image` gives such graphs one entry
+    /// per call without padding; graphs that take all entries in one (padded) call keep
+    /// their own attention. A fused graph ONNX Runtime refuses falls back to the file.
+    fn load_vision(
+        paths: &GraphPaths,
+        config: &SessionConfig,
+        warnings: &mut Vec<String>,
+        padded_calls: bool,
+    ) -> Result<(Graph, bool)> {
+        let path = &paths.vision_encoder;
+        if !padded_calls
+            && std::env::var_os("LFM_NO_VISION_FUSION").is_none()
+            && let Some((bytes, _)) = super::vision_fusion::fuse_vision_graph(path)?
+            && let Ok(graph) = Graph::load_with(path, config, warnings, Some(&bytes))
+        {
+            return Ok((graph, true));
+        }
+        Ok((Graph::load(path, config, warnings)?, false))
     }
 
     fn check_contracts(vision: &Graph, embed: &Graph, dec: &Graph) -> Result<ModelSpec> {
@@ -337,6 +363,7 @@ impl Model {
             batching: super::batch::BatchSemantics::CacheWidth,
             kv_in_place: false,
             vision_activation_quant: false,
+            vision_fused: false,
             vision_float: float(&pv),
             embeds_float: float(&din),
             conv_float: conv_float.unwrap_or(FloatType::F32),

@@ -8,9 +8,9 @@ use std::path::Path;
 use crate::error::{Error, Result};
 
 const MODEL_GRAPH: u64 = 7;
-const GRAPH_NODE: u64 = 1;
-const NODE_OP_TYPE: u64 = 4;
-const NODE_DOMAIN: u64 = 7;
+pub(super) const GRAPH_NODE: u64 = 1;
+pub(super) const NODE_OP_TYPE: u64 = 4;
+pub(super) const NODE_DOMAIN: u64 = 7;
 
 struct Wire<R> {
     r: R,
@@ -130,16 +130,16 @@ pub fn graph_nodes(path: &Path) -> Result<Vec<GraphNode>> {
 // Rewriting the decoder so that the LM head runs on the last position only.
 // ---------------------------------------------------------------------------------------
 
-const GRAPH_INITIALIZER: u64 = 5;
+pub(super) const GRAPH_INITIALIZER: u64 = 5;
 const GRAPH_OUTPUT: u64 = 12;
-const NODE_INPUT: u64 = 1;
-const NODE_OUTPUT: u64 = 2;
-const TENSOR_NAME: u64 = 8;
+pub(super) const NODE_INPUT: u64 = 1;
+pub(super) const NODE_OUTPUT: u64 = 2;
+pub(super) const TENSOR_NAME: u64 = 8;
 const TENSOR_RAW_DATA: u64 = 9;
 const TENSOR_EXTERNAL_DATA: u64 = 13;
 const TENSOR_DATA_LOCATION: u64 = 14;
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+pub(super) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     loop {
         let b = (v & 0x7f) as u8;
         v >>= 7;
@@ -151,27 +151,27 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     }
 }
 
-fn put_bytes(out: &mut Vec<u8>, field: u64, data: &[u8]) {
+pub(super) fn put_bytes(out: &mut Vec<u8>, field: u64, data: &[u8]) {
     put_varint(out, field << 3 | 2);
     put_varint(out, data.len() as u64);
     out.extend_from_slice(data);
 }
 
-fn put_varint_field(out: &mut Vec<u8>, field: u64, v: u64) {
+pub(super) fn put_varint_field(out: &mut Vec<u8>, field: u64, v: u64) {
     put_varint(out, field << 3);
     put_varint(out, v);
 }
 
 /// One field of a message read into memory: its number, wire type, and encoded bytes
 /// (tag included), plus the payload of a length-delimited field.
-struct Field {
-    number: u64,
-    wire: u8,
-    encoded: Vec<u8>,
-    payload: Vec<u8>,
+pub(super) struct Field {
+    pub number: u64,
+    pub wire: u8,
+    pub encoded: Vec<u8>,
+    pub payload: Vec<u8>,
 }
 
-fn parse_fields(buf: &[u8]) -> Option<Vec<Field>> {
+pub(super) fn parse_fields(buf: &[u8]) -> Option<Vec<Field>> {
     let mut out = Vec::new();
     let mut w = Wire { r: std::io::Cursor::new(buf) };
     let end = buf.len() as u64;
@@ -201,7 +201,7 @@ fn parse_fields(buf: &[u8]) -> Option<Vec<Field>> {
     Some(out)
 }
 
-fn strings(fields: &[Field], number: u64) -> Vec<String> {
+pub(super) fn strings(fields: &[Field], number: u64) -> Vec<String> {
     fields
         .iter()
         .filter(|f| f.number == number && f.wire == 2)
@@ -235,72 +235,119 @@ fn node(op: &str, inputs: &[&str], outputs: &[&str], name: &str) -> Vec<u8> {
     n
 }
 
+/// A model read field by field, its graph's fields kept apart; inline initializer data
+/// become external references into the source file, so the parts are mostly structure.
+pub(super) struct ModelParts {
+    /// Top-level fields other than the graph: (field number, encoded field).
+    pub model: Vec<(u64, Vec<u8>)>,
+    /// The graph's fields in file order: (field number, encoded field).
+    pub graph: Vec<(u64, Vec<u8>)>,
+}
+
+impl ModelParts {
+    /// Reads `path`; `None` when a field has a wire type a model never uses.
+    pub fn read(path: &Path) -> Result<Option<ModelParts>> {
+        let bad = |e: std::io::Error| Error::model_load(path, format!("not an ONNX model: {e}"));
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let location = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut w = Wire { r: BufReader::new(file) };
+        let mut model = Vec::new();
+        let mut graph_fields: Option<Vec<(u64, Vec<u8>)>> = None;
+        while let Some((f, wt)) = w.field(len).map_err(bad)? {
+            if f == MODEL_GRAPH && wt == 2 {
+                let n = w.varint().map_err(bad)?.unwrap_or(0);
+                let end = w.r.stream_position().map_err(bad)? + n;
+                let mut fields = Vec::new();
+                while let Some((gf, gwt)) = w.field(end).map_err(bad)? {
+                    if gf == GRAPH_INITIALIZER && gwt == 2 {
+                        fields.push((gf, externalize_tensor(&mut w, &location).map_err(bad)?));
+                    } else if gwt == 2 {
+                        let body = w.bytes_exact().map_err(bad)?;
+                        let mut enc = Vec::new();
+                        put_bytes(&mut enc, gf, &body);
+                        fields.push((gf, enc));
+                    } else {
+                        // Scalars in a graph are rare; keep them verbatim.
+                        let mut enc = Vec::new();
+                        put_varint(&mut enc, gf << 3 | u64::from(gwt));
+                        let v = w.varint().map_err(bad)?.unwrap_or(0);
+                        if gwt != 0 {
+                            return Ok(None);
+                        }
+                        put_varint(&mut enc, v);
+                        fields.push((gf, enc));
+                    }
+                }
+                graph_fields = Some(fields);
+            } else {
+                let mut enc = Vec::new();
+                put_varint(&mut enc, f << 3 | u64::from(wt));
+                match wt {
+                    0 => put_varint(&mut enc, w.varint().map_err(bad)?.unwrap_or(0)),
+                    2 => {
+                        let body = w.bytes_exact().map_err(bad)?;
+                        put_varint(&mut enc, body.len() as u64);
+                        enc.extend_from_slice(&body);
+                    }
+                    _ => return Ok(None),
+                }
+                model.push((f, enc));
+            }
+        }
+        Ok(graph_fields.map(|graph| ModelParts { model, graph }))
+    }
+
+    /// The serialized model.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut graph_bytes = Vec::new();
+        for (_, enc) in &self.graph {
+            graph_bytes.extend_from_slice(enc);
+        }
+        let mut out = Vec::new();
+        for (f, enc) in &self.model {
+            if *f < MODEL_GRAPH {
+                out.extend_from_slice(enc);
+            }
+        }
+        put_bytes(&mut out, MODEL_GRAPH, &graph_bytes);
+        for (f, enc) in &self.model {
+            if *f > MODEL_GRAPH {
+                out.extend_from_slice(enc);
+            }
+        }
+        out
+    }
+
+    /// The fields of the message inside graph field `i` (a node, initializer, ...).
+    pub fn graph_message(&self, i: usize) -> Option<Vec<Field>> {
+        parse_fields(&self.graph[i].1).and_then(|f| f.into_iter().next()).and_then(|f| parse_fields(&f.payload))
+    }
+
+    /// Names of the graph's initializers.
+    pub fn initializer_names(&self) -> std::collections::HashSet<String> {
+        let mut names = std::collections::HashSet::new();
+        for i in 0..self.graph.len() {
+            if self.graph[i].0 == GRAPH_INITIALIZER
+                && let Some(fs) = self.graph_message(i)
+            {
+                names.extend(strings(&fs, TENSOR_NAME));
+            }
+        }
+        names
+    }
+}
+
 /// A decoder graph whose LM head sees only the last position: its `logits` come out as
 /// `[batch, 1, vocab]`, equal to the last row of the original's. Returns the rewritten
 /// model (initializers stored inline in `path` become external references into `path`,
 /// so nothing large is copied) or `None` when the graph does not end in a position-wise
 /// matrix product (`MatMul`/`MatMulNBits` with a constant weight).
 pub fn slice_lm_head(path: &Path) -> Result<Option<Vec<u8>>> {
-    let bad = |e: std::io::Error| Error::model_load(path, format!("not an ONNX model: {e}"));
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    let location = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-    let mut w = Wire { r: BufReader::new(file) };
-    let mut model = Vec::new();
-    let mut graph_fields: Option<Vec<(u64, Vec<u8>)>> = None; // (number, re-encoded field)
-    while let Some((f, wt)) = w.field(len).map_err(bad)? {
-        if f == MODEL_GRAPH && wt == 2 {
-            let n = w.varint().map_err(bad)?.unwrap_or(0);
-            let end = w.r.stream_position().map_err(bad)? + n;
-            let mut fields = Vec::new();
-            while let Some((gf, gwt)) = w.field(end).map_err(bad)? {
-                if gf == GRAPH_INITIALIZER && gwt == 2 {
-                    fields.push((gf, externalize_tensor(&mut w, &location).map_err(bad)?));
-                } else if gwt == 2 {
-                    let body = w.bytes_exact().map_err(bad)?;
-                    let mut enc = Vec::new();
-                    put_bytes(&mut enc, gf, &body);
-                    fields.push((gf, enc));
-                } else {
-                    // Scalars in a graph are rare; keep them verbatim.
-                    let mut enc = Vec::new();
-                    put_varint(&mut enc, gf << 3 | u64::from(gwt));
-                    let v = w.varint().map_err(bad)?.unwrap_or(0);
-                    if gwt != 0 {
-                        return Ok(None);
-                    }
-                    put_varint(&mut enc, v);
-                    fields.push((gf, enc));
-                }
-            }
-            graph_fields = Some(fields);
-        } else {
-            let mut enc = Vec::new();
-            put_varint(&mut enc, f << 3 | u64::from(wt));
-            match wt {
-                0 => put_varint(&mut enc, w.varint().map_err(bad)?.unwrap_or(0)),
-                2 => {
-                    let body = w.bytes_exact().map_err(bad)?;
-                    put_varint(&mut enc, body.len() as u64);
-                    enc.extend_from_slice(&body);
-                }
-                _ => return Ok(None),
-            }
-            model.push((f, enc));
-        }
-    }
-    let Some(mut graph) = graph_fields else { return Ok(None) };
-
-    // Initializer names, then the node that produces `logits`.
-    let mut constants = std::collections::HashSet::new();
-    for (n, enc) in &graph {
-        if *n == GRAPH_INITIALIZER
-            && let Some(fs) =
-                parse_fields(enc).and_then(|f| f.into_iter().next()).and_then(|f| parse_fields(&f.payload))
-        {
-            constants.extend(strings(&fs, TENSOR_NAME));
-        }
-    }
+    let Some(mut parts) = ModelParts::read(path)? else { return Ok(None) };
+    let constants = parts.initializer_names();
+    let graph = &mut parts.graph;
+    // The node that produces `logits`.
     let mut target = None;
     for (i, (n, enc)) in graph.iter().enumerate() {
         if *n != GRAPH_NODE {
@@ -370,23 +417,7 @@ pub fn slice_lm_head(path: &Path) -> Result<Option<Vec<u8>>> {
         *enc = e;
     }
 
-    let mut graph_bytes = Vec::new();
-    for (_, enc) in &graph {
-        graph_bytes.extend_from_slice(enc);
-    }
-    let mut out = Vec::new();
-    for (f, enc) in &model {
-        if *f < MODEL_GRAPH {
-            out.extend_from_slice(enc);
-        }
-    }
-    put_bytes(&mut out, MODEL_GRAPH, &graph_bytes);
-    for (f, enc) in &model {
-        if *f > MODEL_GRAPH {
-            out.extend_from_slice(enc);
-        }
-    }
-    Ok(Some(out))
+    Ok(Some(parts.encode()))
 }
 
 /// A `ValueInfoProto` (fields given) whose tensor shape has dimension 1 set to 1.
