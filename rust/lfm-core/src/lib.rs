@@ -21,6 +21,8 @@ pub mod files;
 pub mod fuzzing;
 #[cfg(feature = "inference")]
 pub mod grammar;
+#[cfg(feature = "inference")]
+pub mod heap;
 pub mod request;
 #[cfg(feature = "inference")]
 pub mod runtime;

@@ -253,7 +253,10 @@ impl Model {
             self.decode_in_place(x, mask, batch)?
         } else {
             let names = super::model::cache_input_names(&s.layers);
-            let (logits, presents) = self.run_decoder(super::model::decoder_inputs(x, mask, &batch.layers, &names))?;
+            let (logits, presents) = self.run_decoder(
+                super::model::decoder_inputs(x, mask, &batch.layers, &names),
+                super::graph::Memory::Keep,
+            )?;
             batch.layers = presents;
             batch.width = total;
             logits

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
-use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{RunOptions, Session};
 use ort::value::{DynValue, TensorElementType, ValueType};
 
 use crate::error::{Error, Result};
@@ -42,6 +42,13 @@ impl Port {
         let dims: Vec<String> = self.dims.iter().map(|d| if *d < 0 { "?".into() } else { d.to_string() }).collect();
         format!("{:?} [{}]", self.ty, dims.join(", "))
     }
+}
+
+/// What ONNX Runtime's memory arena does after a call (see `Graph::run`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Memory {
+    Keep,
+    Release,
 }
 
 /// Session settings shared by the three graphs.
@@ -242,21 +249,36 @@ impl Graph {
     }
 
     /// Runs the graph on named inputs; returns every output, owned, in graph order.
+    ///
+    /// `Memory::Release` hands the memory ONNX Runtime's arena grew by during the call back
+    /// to the system afterwards (for calls with large working sets that do not repeat at
+    /// once: a vision entry, a prompt chunk); otherwise the arena keeps it for the next call.
     pub fn run(
         &self,
         stage: &'static str,
         inputs: Vec<(&str, ort::session::SessionInputValue<'_>)>,
+        memory: Memory,
     ) -> Result<Vec<(String, DynValue)>> {
+        let err = |e: ort::Error| Error::inference(stage, e);
         let mut session =
             self.session.lock().map_err(|_| Error::Internal(format!("{stage}: session lock poisoned")))?;
-        let mut out = session.run(inputs).map_err(|e| Error::inference(stage, e))?;
-        self.outputs
-            .iter()
-            .map(|p| {
-                out.remove(&p.name)
-                    .map(|v| (p.name.clone(), v))
-                    .ok_or_else(|| Error::inference(stage, format!("output `{}` missing", p.name)))
-            })
-            .collect()
+        let take = |mut out: ort::session::SessionOutputs<'_>| {
+            self.outputs
+                .iter()
+                .map(|p| {
+                    out.remove(&p.name)
+                        .map(|v| (p.name.clone(), v))
+                        .ok_or_else(|| Error::inference(stage, format!("output `{}` missing", p.name)))
+                })
+                .collect()
+        };
+        match memory {
+            Memory::Keep => take(session.run(inputs).map_err(err)?),
+            Memory::Release => {
+                let mut options = RunOptions::new().map_err(err)?;
+                options.set("memory.enable_memory_arena_shrinkage", "cpu:0").map_err(err)?;
+                take(session.run_with_options(inputs, &options).map_err(err)?)
+            }
+        }
     }
 }

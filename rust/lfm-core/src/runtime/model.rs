@@ -9,7 +9,7 @@ use ort::value::DynValue;
 use crate::error::{Error, Result};
 use crate::preproc::PreprocessedImage;
 
-use super::graph::{Graph, Port, SessionConfig};
+use super::graph::{Graph, Memory, Port, SessionConfig};
 use super::tensor::{FloatType, check_finite, float_dims, float_value, i64_value, read_floats};
 
 /// Prompt positions per decoder call during prefill (see `Model::prefill`).
@@ -424,6 +424,7 @@ impl Model {
         let out = self.vision.run(
             STAGE,
             vec![("pixel_values", pv.into()), ("pixel_attention_mask", mask.into()), ("spatial_shapes", shapes.into())],
+            Memory::Release,
         )?;
         let (shape, feats) = read_floats(STAGE, &out[0].1, None)?;
         if shape.len() != 2 || shape[1] as usize != self.spec.hidden {
@@ -439,7 +440,8 @@ impl Model {
     pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
         const STAGE: &str = "embed_tokens";
         let input = i64_value(STAGE, &[1, ids.len()], ids.iter().map(|&i| i as i64).collect())?;
-        let out = self.embed.run(STAGE, vec![("input_ids", input.into())])?;
+        let memory = if ids.len() > 1 { Memory::Release } else { Memory::Keep };
+        let out = self.embed.run(STAGE, vec![("input_ids", input.into())], memory)?;
         let (shape, emb) = read_floats(STAGE, &out[0].1, None)?;
         if emb.len() != ids.len() * self.spec.hidden {
             return Err(Error::inference(STAGE, format!("inputs_embeds has shape {shape:?} for {} ids", ids.len())));
@@ -479,9 +481,10 @@ impl Model {
     pub(crate) fn run_decoder(
         &self,
         inputs: Vec<(&str, SessionInputValue<'_>)>,
+        memory: Memory,
     ) -> Result<(DynValue, Vec<LayerCache>)> {
         const STAGE: &str = "decoder";
-        let outputs = self.decoder.run(STAGE, inputs)?;
+        let outputs = self.decoder.run(STAGE, inputs, memory)?;
         let mut logits = None;
         let mut by_name: std::collections::HashMap<String, DynValue> = std::collections::HashMap::new();
         for (name, v) in outputs {
@@ -547,7 +550,10 @@ impl Model {
         let x = float_value(STAGE, s.embeds_float, &[1, seq, s.hidden], embeds)?;
         let mask = i64_value(STAGE, &[1, total], vec![1; total])?;
         let names = cache_input_names(&s.layers);
-        let (logits, layers) = self.run_decoder(decoder_inputs(x, mask, &cache.layers, &names))?;
+        // A prompt chunk's working set (attention over the chunk) is not needed by the
+        // one-position steps that follow.
+        let memory = if seq > 1 { Memory::Release } else { Memory::Keep };
+        let (logits, layers) = self.run_decoder(decoder_inputs(x, mask, &cache.layers, &names), memory)?;
         // All positions, or only the last one when the LM head was moved behind a slice.
         let rows = float_dims(STAGE, &logits)?.get(1).copied().unwrap_or(0).max(0) as usize;
         let (shape, row) = read_floats(STAGE, &logits, Some(rows.saturating_sub(1) * s.vocab..rows * s.vocab))?;
