@@ -25,10 +25,21 @@ pub enum BatchSemantics {
 }
 
 /// The per-layer caches of a batch of sequences, right-padded to `width` positions.
+///
+/// Sequences ("rows", in the scheduler's order) live in tensor rows ("slots"). When the
+/// decoder updates the cache in place, the tensors hold a power of two of slots: a
+/// sequence joins by copying its own cache into a free slot and leaves by freeing its
+/// slot, so the whole batch is copied only when it outgrows its slots or width. Free
+/// slots run along as one-position rows whose outputs are ignored (the attention reads
+/// each row's length from its mask row). Otherwise slot `i` is row `i`.
 pub struct BatchCache {
     layers: Vec<LayerCache>,
     /// Valid positions of each row.
     pub lens: Vec<usize>,
+    /// The tensor row of each row.
+    slots: Vec<usize>,
+    /// Tensor rows (slots) the layers hold.
+    capacity: usize,
     /// Positions allocated per row: the longest row when every step returns new tensors;
     /// more, with room to grow, when the decoder updates the cache in place.
     width: usize,
@@ -46,6 +57,16 @@ impl BatchCache {
     pub fn is_empty(&self) -> bool {
         self.lens.is_empty()
     }
+
+    /// Tensor rows (slots) the layers hold: the batch is rebuilt when this changes.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Positions allocated per row.
+    pub fn width(&self) -> usize {
+        self.width
+    }
 }
 
 const STAGE: &str = "decoder";
@@ -59,27 +80,49 @@ struct Part<'a> {
     len: usize,
 }
 
-/// Copies `parts` into a new tensor of `shape` (`[rows, heads, width, head_dim]`, or
-/// `[rows, channels, width]` seen as one head of `channels * width` positions of size 1),
-/// each row's valid positions first, zeros after. Elements stay in the graph's type.
+/// Copies `parts` into the first rows of a new tensor of `shape` (`[rows, heads, width,
+/// head_dim]`, or `[rows, channels, width]` seen as one head of `channels * width`
+/// positions of size 1), each row's valid positions first, zeros after and in the rows
+/// beyond the parts. Elements stay in the graph's type.
 fn gather<T>(parts: &[Part<'_>], heads: usize, dim: usize, width: usize, shape: Vec<i64>) -> Result<DynValue>
 where
     T: ort::value::PrimitiveTensorElementType + Copy + Default + std::fmt::Debug + 'static,
 {
-    let mut out = vec![T::default(); parts.len() * heads * width * dim];
+    let rows = shape.first().map_or(0, |&r| r as usize);
+    let mut out = vec![T::default(); rows * heads * width * dim];
     for (r, p) in parts.iter().enumerate() {
-        let (_, src) = p.src.try_extract_tensor::<T>().map_err(|e| Error::inference(STAGE, e))?;
-        for h in 0..heads {
-            let from = (p.row * heads + h) * p.src_width * dim;
-            let to = (r * heads + h) * width * dim;
-            let n = p.len * dim;
-            let row = src
-                .get(from..from + n)
-                .ok_or_else(|| Error::Internal(format!("cache row {} is shorter than {} positions", p.row, p.len)))?;
-            out[to..to + n].copy_from_slice(row);
-        }
+        copy_row(p, &mut out, r, heads, dim, width)?;
     }
     Ok(ort::value::Tensor::from_array((shape, out)).map_err(|e| Error::inference(STAGE, e))?.into_dyn())
+}
+
+/// Copies part `p` into row `r` of `out` (laid out as in `gather`).
+fn copy_row<T>(p: &Part<'_>, out: &mut [T], r: usize, heads: usize, dim: usize, width: usize) -> Result<()>
+where
+    T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static,
+{
+    let (_, src) = p.src.try_extract_tensor::<T>().map_err(|e| Error::inference(STAGE, e))?;
+    for h in 0..heads {
+        let from = (p.row * heads + h) * p.src_width * dim;
+        let to = (r * heads + h) * width * dim;
+        let n = p.len * dim;
+        let row = src
+            .get(from..from + n)
+            .ok_or_else(|| Error::Internal(format!("cache row {} is shorter than {} positions", p.row, p.len)))?;
+        out.get_mut(to..to + n)
+            .ok_or_else(|| Error::Internal(format!("cache slot {r} is out of range")))?
+            .copy_from_slice(row);
+    }
+    Ok(())
+}
+
+/// Copies part `p` into slot `r` of the existing tensor `dst` (laid out as in `gather`).
+fn copy_into<T>(p: &Part<'_>, dst: &mut DynValue, r: usize, heads: usize, dim: usize, width: usize) -> Result<()>
+where
+    T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static,
+{
+    let (_, out) = dst.try_extract_tensor_mut::<T>().map_err(|e| Error::inference(STAGE, e))?;
+    copy_row(p, out, r, heads, dim, width)
 }
 
 /// One row of one layer of a new batch: the layer it is copied from, its row there, the
@@ -106,10 +149,17 @@ impl Model {
         if self.spec.kv_in_place { longest + IN_PLACE_HEADROOM } else { longest }
     }
 
-    /// One layer of a new batch of `width` positions per row, its rows copied from `from`.
-    fn gather_layer(&self, li: usize, from: &[Rowed<'_>], width: usize) -> Result<LayerCache> {
+    /// Tensor rows for `rows` sequences: a power of two when sequences join and leave
+    /// through free slots (in-place caches), else exactly one per sequence.
+    fn capacity_for(&self, rows: usize) -> usize {
+        if self.spec.kv_in_place { rows.next_power_of_two() } else { rows }
+    }
+
+    /// One layer of a new batch of `capacity` rows of `width` positions, its first rows
+    /// copied from `from`.
+    fn gather_layer(&self, li: usize, from: &[Rowed<'_>], width: usize, capacity: usize) -> Result<LayerCache> {
         let s = &self.spec;
-        let b = from.len() as i64;
+        let b = capacity as i64;
         let wrong = |kind: &str| Error::Internal(format!("layer {li} of a cache is not {kind}"));
         Ok(match s.layers[li] {
             LayerKind::Conv => {
@@ -155,11 +205,42 @@ impl Model {
         })
     }
 
+    /// Copies a sequence's own cache into free slot `slot` of `batch` (no other row moves).
+    fn fill_slot(&self, batch: &mut BatchCache, slot: usize, cache: &HybridCache) -> Result<()> {
+        let s = &self.spec;
+        let (width, len) = (batch.width, cache.past_len);
+        for (li, (layer, own)) in batch.layers.iter_mut().zip(&cache.layers).enumerate() {
+            let wrong = || Error::Internal(format!("layer {li} of a cache has the wrong kind"));
+            match (layer, own) {
+                (LayerCache::Conv { state }, LayerCache::Conv { state: src }) => {
+                    let n = s.conv_channels * s.conv_width;
+                    let part = Part { src, row: 0, src_width: n, len: n };
+                    match s.conv_float {
+                        FloatType::F32 => copy_into::<f32>(&part, state, slot, 1, 1, n)?,
+                        FloatType::F16 => copy_into::<half::f16>(&part, state, slot, 1, 1, n)?,
+                    }
+                }
+                (LayerCache::Attention { key, value }, LayerCache::Attention { key: k, value: v }) => {
+                    for (dst, src) in [(key, k), (value, v)] {
+                        let part = Part { src, row: 0, src_width: len, len };
+                        let (h, d) = (s.kv_heads, s.head_dim);
+                        match s.kv_float {
+                            FloatType::F32 => copy_into::<f32>(&part, dst, slot, h, d, width)?,
+                            FloatType::F16 => copy_into::<half::f16>(&part, dst, slot, h, d, width)?,
+                        }
+                    }
+                }
+                _ => return Err(wrong()),
+            }
+        }
+        Ok(())
+    }
+
     /// Rebuilds `batch` with `width` positions per row and its rows copied from `sources`
-    /// (its own rows, or single caches), tensor to tensor. It goes layer by layer and drops
-    /// each old layer once its replacement exists, so at most one layer is held twice, not
-    /// the whole cache. On an error the batch is left empty of layers (the caller fails its
-    /// sequences).
+    /// (its own rows, or single caches) into slots `0..`, tensor to tensor. It goes layer
+    /// by layer and drops each old layer once its replacement exists, so at most one layer
+    /// is held twice, not the whole cache. On an error the batch is left empty of layers
+    /// (the caller fails its sequences).
     fn regather(&self, batch: &mut BatchCache, sources: &[Source<'_>], width: usize) -> Result<()> {
         let lens: Vec<usize> = sources
             .iter()
@@ -169,6 +250,8 @@ impl Model {
             })
             .collect();
         let old_width = batch.width;
+        let old_slots = std::mem::take(&mut batch.slots);
+        let capacity = self.capacity_for(sources.len());
         let mut old_layers = std::mem::take(&mut batch.layers).into_iter();
         let mut layers = Vec::with_capacity(self.spec.layers.len());
         for li in 0..self.spec.layers.len() {
@@ -179,24 +262,37 @@ impl Model {
                 .map(|(src, &len)| match src {
                     Source::Row(r) => old
                         .as_ref()
-                        .map(|layer| Rowed { layer, row: *r, src_width: old_width, len })
-                        .ok_or_else(|| Error::Internal("the batch has fewer layers than the model".into())),
+                        .zip(old_slots.get(*r))
+                        .map(|(layer, &row)| Rowed { layer, row, src_width: old_width, len })
+                        .ok_or_else(|| Error::Internal("the batch has fewer layers or rows than expected".into())),
                     Source::Alone(c) => Ok(Rowed { layer: &c.layers[li], row: 0, src_width: c.past_len, len }),
                 })
                 .collect::<Result<Vec<_>>>()?;
-            layers.push(self.gather_layer(li, &from, width)?);
+            layers.push(self.gather_layer(li, &from, width, capacity)?);
         }
-        *batch = BatchCache { layers, lens, width };
+        let slots = (0..lens.len()).collect();
+        *batch = BatchCache { layers, lens, slots, capacity, width };
         Ok(())
     }
 
     /// An empty batch.
     pub fn batch_new(&self) -> BatchCache {
-        BatchCache { layers: Vec::new(), lens: Vec::new(), width: 0 }
+        BatchCache { layers: Vec::new(), lens: Vec::new(), slots: Vec::new(), capacity: 0, width: 0 }
     }
 
-    /// Adds a prefilled sequence as the last row.
+    /// Adds a prefilled sequence as the last row: into a free slot when there is one and
+    /// its cache fits the width, else by rebuilding the batch.
     pub fn batch_join(&self, batch: &mut BatchCache, cache: HybridCache) -> Result<()> {
+        let free = (0..batch.capacity).find(|s| !batch.slots.contains(s));
+        if let Some(slot) = free
+            && self.spec.kv_in_place
+            && cache.past_len < batch.width
+        {
+            self.fill_slot(batch, slot, &cache)?;
+            batch.lens.push(cache.past_len);
+            batch.slots.push(slot);
+            return Ok(());
+        }
         let mut sources: Vec<Source<'_>> = (0..batch.len()).map(Source::Row).collect();
         sources.push(Source::Alone(&cache));
         let mut lens = batch.lens.clone();
@@ -205,7 +301,9 @@ impl Model {
         self.regather(batch, &sources, width)
     }
 
-    /// Removes the rows at `remove` (sorted or not); the width shrinks to fit the longest left.
+    /// Removes the rows at `remove` (sorted or not). In-place caches just free their slots,
+    /// unless three quarters of the slots or half the width would then be unused: the
+    /// batch is rebuilt to fit, as it always is for caches that are not updated in place.
     pub fn batch_remove(&self, batch: &mut BatchCache, remove: &[usize]) -> Result<()> {
         if remove.is_empty() {
             return Ok(());
@@ -215,9 +313,15 @@ impl Model {
             *batch = self.batch_new();
             return Ok(());
         }
-        let lens: Vec<usize> = keep.iter().map(|&r| batch.lens[r]).collect();
-        let sources: Vec<Source<'_>> = keep.into_iter().map(Source::Row).collect();
-        self.regather(batch, &sources, self.width_for(&lens, 0))
+        batch.lens = keep.iter().map(|&r| batch.lens[r]).collect();
+        batch.slots = keep.iter().map(|&r| batch.slots[r]).collect();
+        let width = self.width_for(&batch.lens, 0);
+        let roomy = batch.len() * 4 > batch.capacity && width * 2 > batch.width;
+        if self.spec.kv_in_place && roomy {
+            return Ok(());
+        }
+        let sources: Vec<Source<'_>> = (0..batch.len()).map(Source::Row).collect();
+        self.regather(batch, &sources, width)
     }
 
     /// Row `r` as a sequence cache of its own.
@@ -225,8 +329,8 @@ impl Model {
         let len = *batch.lens.get(r).ok_or_else(|| Error::Internal(format!("no batch row {r}")))?;
         let layers = (0..self.spec.layers.len())
             .map(|li| {
-                let row = Rowed { layer: &batch.layers[li], row: r, src_width: batch.width, len };
-                self.gather_layer(li, &[row], len)
+                let row = Rowed { layer: &batch.layers[li], row: batch.slots[r], src_width: batch.width, len };
+                self.gather_layer(li, &[row], len, 1)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(HybridCache { layers, past_len: len })
@@ -243,12 +347,19 @@ impl Model {
             let width = self.width_for(&batch.lens, 1);
             self.regather(batch, &sources, width)?;
         }
-        let x = float_value(STAGE, s.embeds_float, &[b, 1, s.hidden], embeds)?;
-        let mut mask = vec![0i64; b * total];
-        for (r, &len) in batch.lens.iter().enumerate() {
-            mask[r * total..r * total + len + 1].fill(1);
+        // Inputs by slot; a free slot is a one-position row of zeros.
+        let slots = batch.capacity;
+        let mut x = vec![0f32; slots * s.hidden];
+        let mut mask = vec![0i64; slots * total];
+        for slot in 0..slots {
+            mask[slot * total] = 1;
         }
-        let mask = i64_value(STAGE, &[b, total], mask)?;
+        for (r, (&len, &slot)) in batch.lens.iter().zip(&batch.slots).enumerate() {
+            x[slot * s.hidden..(slot + 1) * s.hidden].copy_from_slice(&embeds[r * s.hidden..(r + 1) * s.hidden]);
+            mask[slot * total..slot * total + len + 1].fill(1);
+        }
+        let x = float_value(STAGE, s.embeds_float, &[slots, 1, s.hidden], x)?;
+        let mask = i64_value(STAGE, &[slots, total], mask)?;
         let logits = if s.kv_in_place {
             self.decode_in_place(x, mask, batch)?
         } else {
@@ -262,15 +373,18 @@ impl Model {
             logits
         };
         let (shape, all) = read_floats(STAGE, &logits, None)?;
-        if shape.len() != 3 || shape[0] as usize != b || shape[2] as usize != s.vocab {
+        if shape.len() != 3 || shape[0] as usize != slots || shape[2] as usize != s.vocab {
             return Err(Error::inference(
                 STAGE,
-                format!("logits have shape {shape:?}, expected [{b}, 1, {}]", s.vocab),
+                format!("logits have shape {shape:?}, expected [{slots}, 1, {}]", s.vocab),
             ));
         }
         let per_row = shape[1] as usize * s.vocab;
-        let rows: Vec<Vec<f32>> =
-            (0..b).map(|r| all[(r + 1) * per_row - s.vocab..(r + 1) * per_row].to_vec()).collect();
+        let rows: Vec<Vec<f32>> = batch
+            .slots
+            .iter()
+            .map(|&slot| all[(slot + 1) * per_row - s.vocab..(slot + 1) * per_row].to_vec())
+            .collect();
         for row in &rows {
             super::tensor::check_finite(STAGE, row)?;
         }
