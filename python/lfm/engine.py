@@ -95,7 +95,12 @@ class Engine:
 
     @property
     def spec(self) -> dict[str, Any]:
-        """Widths read from the graphs (hidden size, vocab, layer kinds, cache shapes)."""
+        """What the engine read from the graphs: widths (hidden size, vocab, layer kinds,
+        cache shapes) and how it runs them: ``attention_rows`` (``"mask_lengths"``: rows of
+        different lengths batch exactly; ``"cache_width"``: sequences decode one at a time),
+        ``kv_cache`` (``"in_place"`` or ``"copied"`` per batched step) and
+        ``vision_attention`` (``"fused"``: the float32 vision encoder's attention and GELU run
+        as ONNX Runtime's fused kernels; ``"as_exported"``)."""
         spec: dict[str, Any] = self._check_process().spec()
         return spec
 
