@@ -233,7 +233,12 @@ impl Model {
         } else {
             super::onnx_proto::slice_lm_head(&paths.decoder)?
         };
-        let decoder = Graph::load_with(&paths.decoder, config, &mut warnings, sliced.as_deref())?;
+        // A rewritten graph ONNX Runtime refuses falls back to the file as it is.
+        let decoder = match sliced.as_deref().map(|b| Graph::load_with(&paths.decoder, config, &mut warnings, Some(b)))
+        {
+            Some(Ok(graph)) => graph,
+            _ => Graph::load(&paths.decoder, config, &mut warnings)?,
+        };
         drop(sliced);
         let mut spec = Self::check_contracts(&vision, &embed, &decoder)?;
         // GroupQueryAttention takes each row's length from its mask row; anything else is

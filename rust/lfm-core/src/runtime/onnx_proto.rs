@@ -466,9 +466,12 @@ fn one_position_value_info(vi: &[Field]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Initializer data up to this size is copied into a rewritten model rather than referenced.
+const INLINE_TENSOR_BYTES: u64 = 1024;
+
 /// Reads one `TensorProto` field body (length prefix next) and re-encodes it as a graph
-/// initializer field whose inline `raw_data` is replaced by an external reference to the
-/// same bytes of `location`.
+/// initializer field whose inline `raw_data`, when larger than `INLINE_TENSOR_BYTES`, is
+/// replaced by an external reference to the same bytes of `location`.
 fn externalize_tensor<R: Read + Seek>(w: &mut Wire<R>, location: &str) -> std::io::Result<Vec<u8>> {
     let n = w.varint()?.unwrap_or(0);
     let start = w.r.stream_position()?;
@@ -479,8 +482,16 @@ fn externalize_tensor<R: Read + Seek>(w: &mut Wire<R>, location: &str) -> std::i
         if f == TENSOR_RAW_DATA && wt == 2 {
             let len = w.varint()?.unwrap_or(0);
             let offset = w.r.stream_position()?;
-            w.r.seek(SeekFrom::Current(len as i64))?;
-            raw = Some((offset, len));
+            if len <= INLINE_TENSOR_BYTES {
+                // Small tensors (axes, shapes, scalars) stay inline: ONNX shape inference
+                // reads them while the graph loads and cannot read external data.
+                let mut data = vec![0; len as usize];
+                w.r.read_exact(&mut data)?;
+                put_bytes(&mut tensor, TENSOR_RAW_DATA, &data);
+            } else {
+                w.r.seek(SeekFrom::Current(len as i64))?;
+                raw = Some((offset, len));
+            }
             continue;
         }
         put_varint(&mut tensor, f << 3 | u64::from(wt));

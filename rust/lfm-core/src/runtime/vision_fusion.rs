@@ -206,6 +206,39 @@ impl View {
         v
     }
 
+    /// True when `value` is computed from the `pixel_attention_mask` input by operators
+    /// that carry no weights (comparisons, casts, shape arithmetic, `Where`, `Expand`...).
+    fn is_padding_mask(&self, value: &str) -> bool {
+        let mut seen = HashSet::new();
+        let mut todo = vec![value];
+        let mut from_mask = false;
+        while let Some(v) = todo.pop() {
+            if !seen.insert(v) {
+                continue;
+            }
+            if v == "pixel_attention_mask" {
+                from_mask = true;
+                continue;
+            }
+            let Some(&n) = self.producer.get(v) else {
+                // A graph input other than the mask, or an initializer: only small
+                // constants (scalars, shape vectors) belong in a mask's construction.
+                if self.initializers.get(v).is_some_and(|d| d.iter().product::<i64>() > 16) {
+                    return false;
+                }
+                continue;
+            };
+            let node = &self.nodes[n];
+            match node.op.as_str() {
+                "MatMul" | "Gemm" | "Conv" | "MatMulInteger" | "Einsum" => return false,
+                // Only the dims of its input matter, not its values.
+                "Shape" | "Size" => {}
+                _ => todo.extend(node.inputs.iter().map(String::as_str)),
+            }
+        }
+        from_mask
+    }
+
     /// Graph fields of the nodes the graph's outputs depend on.
     fn live_fields(&self) -> HashSet<usize> {
         let mut live = HashSet::new();
@@ -308,6 +341,13 @@ impl View {
             let (scale, qk) = self.const_operand(mul)?;
             Some((mul, scale, self.made_by(&qk, "MatMul")?))
         })?;
+        // The other addend is dropped: it must be the padding mask, computed from
+        // `pixel_attention_mask` without weights (not, say, a learned position bias).
+        let scores = self.nodes[mul].outputs.first()?;
+        let bias = self.nodes[add].inputs.iter().find(|i| *i != scores)?;
+        if !self.is_padding_mask(bias) {
+            return None;
+        }
         let tq = self.transpose_with(self.nodes[qk].inputs.first()?, &[0, 2, 1, 3])?;
         let tk = self.transpose_with(self.nodes[qk].inputs.get(1)?, &[0, 2, 3, 1])?;
         let rq = self.made_by(&self.nodes[tq].inputs[0], "Reshape")?;
