@@ -125,6 +125,18 @@ where
     copy_row(p, out, r, heads, dim, width)
 }
 
+/// Releases the pages of elements `[row * per_row, (row + 1) * per_row)` of `tensor`.
+fn release_row<T>(tensor: &mut DynValue, row: usize, per_row: usize) -> Result<()>
+where
+    T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static,
+{
+    let (_, data) = tensor.try_extract_tensor_mut::<T>().map_err(|e| Error::inference(STAGE, e))?;
+    if let Some(range) = data.get_mut(row * per_row..(row + 1) * per_row) {
+        crate::heap::release_pages(range);
+    }
+    Ok(())
+}
+
 /// One row of one layer of a new batch: the layer it is copied from, its row there, the
 /// positions that layer holds per row, and the valid ones.
 struct Rowed<'a> {
@@ -236,6 +248,24 @@ impl Model {
         Ok(())
     }
 
+    /// Hands the memory of a freed slot's keys and values back to the system (the pages
+    /// read as zeros until a sequence fills the slot again), so a long sequence that left
+    /// does not keep its share of the batch resident.
+    fn release_slot(&self, batch: &mut BatchCache, slot: usize) -> Result<()> {
+        let per_slot = self.spec.kv_heads * batch.width * self.spec.head_dim;
+        for layer in &mut batch.layers {
+            if let LayerCache::Attention { key, value } = layer {
+                for tensor in [key, value] {
+                    match self.spec.kv_float {
+                        FloatType::F32 => release_row::<f32>(tensor, slot, per_slot)?,
+                        FloatType::F16 => release_row::<half::f16>(tensor, slot, per_slot)?,
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Rebuilds `batch` with `width` positions per row and its rows copied from `sources`
     /// (its own rows, or single caches) into slots `0..`, tensor to tensor. It goes layer
     /// by layer and drops each old layer once its replacement exists, so at most one layer
@@ -313,11 +343,15 @@ impl Model {
             *batch = self.batch_new();
             return Ok(());
         }
+        let freed: Vec<usize> = remove.iter().filter_map(|&r| batch.slots.get(r).copied()).collect();
         batch.lens = keep.iter().map(|&r| batch.lens[r]).collect();
         batch.slots = keep.iter().map(|&r| batch.slots[r]).collect();
         let width = self.width_for(&batch.lens, 0);
         let roomy = batch.len() * 4 > batch.capacity && width * 2 > batch.width;
         if self.spec.kv_in_place && roomy {
+            for slot in freed {
+                self.release_slot(batch, slot)?;
+            }
             return Ok(());
         }
         let sources: Vec<Source<'_>> = (0..batch.len()).map(Source::Row).collect();

@@ -251,7 +251,7 @@ impl Graph {
     /// Runs the graph on named inputs; returns every output, owned, in graph order.
     ///
     /// `Memory::Release` hands the memory ONNX Runtime's arena grew by during the call back
-    /// to the system afterwards (for calls with large working sets that do not repeat at
+    /// to the system afterwards (arena shrinkage, then a trim of the C heap) (for calls with large working sets that do not repeat at
     /// once: a vision entry, a prompt chunk); otherwise the arena keeps it for the next call.
     pub fn run(
         &self,
@@ -277,7 +277,11 @@ impl Graph {
             Memory::Release => {
                 let mut options = RunOptions::new().map_err(err)?;
                 options.set("memory.enable_memory_arena_shrinkage", "cpu:0").map_err(err)?;
-                take(session.run_with_options(inputs, &options).map_err(err)?)
+                let outputs = take(session.run_with_options(inputs, &options).map_err(err)?);
+                // The arena frees its regions to the C heap, which keeps blocks of up to
+                // 32 MB for reuse: trim it too, or each call leaves some resident.
+                crate::heap::release_free_memory();
+                outputs
             }
         }
     }
