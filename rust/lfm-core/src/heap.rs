@@ -4,9 +4,10 @@
 //! (pixels, ONNX Runtime's per-call working memory, which its arena frees after such calls).
 //! glibc keeps freed blocks below its mmap threshold (which rises to 32 MB as large blocks
 //! are freed) inside the process, so without a trim a long-running engine's resident size
-//! drifts up by the fragments of every call. `Graph::run` trims after each such call and the
-//! scheduler after each admitted request; a trim costs about a millisecond, and re-touching
-//! the released pages measured at most a few percent of a vision or prefill call.
+//! drifts up by the fragments of every call. `Graph::run` trims after the last vision call
+//! of an image and the last chunk of a prompt (the calls before reuse the same working
+//! memory; trimming after each one cost ~10% of vision time in page faults), and the
+//! scheduler after each admitted request.
 //! Freed batch rows release their key/value pages the same way (`release_pages`).
 
 /// Returns free heap pages to the system where the allocator allows it (glibc).

@@ -393,7 +393,7 @@ impl Model {
         let feats = if self.spec.vision_activation_quant {
             let (pixels, mask, shapes) =
                 (pre.pixel_values.clone(), pre.pixel_attention_mask.clone(), pre.spatial_shapes.clone());
-            self.run_vision(pixels, mask, shapes, [n, p, pd])?
+            self.run_vision(pixels, mask, shapes, [n, p, pd], Memory::Release)?
         } else {
             let mut feats = Vec::with_capacity(pre.grid.num_image_tokens() * self.spec.hidden);
             for entry in 0..n {
@@ -405,7 +405,9 @@ impl Model {
                 }
                 let pixels = pre.pixel_values[entry * p * pd..(entry * p + real) * pd].to_vec();
                 let shape = pre.spatial_shapes[entry * 2..entry * 2 + 2].to_vec();
-                feats.extend(self.run_vision(pixels, vec![1; real], shape, [1, real, pd])?);
+                // The working memory of one entry serves the next; it goes back after the last.
+                let memory = if entry + 1 == n { Memory::Release } else { Memory::Keep };
+                feats.extend(self.run_vision(pixels, vec![1; real], shape, [1, real, pd], memory)?);
             }
             feats
         };
@@ -421,7 +423,14 @@ impl Model {
     }
 
     /// One vision-encoder call on `[entries, patches, patch_dim]` pixels: the features.
-    fn run_vision(&self, pixels: Vec<f32>, mask: Vec<i64>, shapes: Vec<i64>, dims: [usize; 3]) -> Result<Vec<f32>> {
+    fn run_vision(
+        &self,
+        pixels: Vec<f32>,
+        mask: Vec<i64>,
+        shapes: Vec<i64>,
+        dims: [usize; 3],
+        memory: Memory,
+    ) -> Result<Vec<f32>> {
         const STAGE: &str = "vision_encoder";
         let pv = float_value(STAGE, self.spec.vision_float, &dims, pixels)?;
         let mask = i64_value(STAGE, &dims[..2], mask)?;
@@ -429,7 +438,7 @@ impl Model {
         let out = self.vision.run(
             STAGE,
             vec![("pixel_values", pv.into()), ("pixel_attention_mask", mask.into()), ("spatial_shapes", shapes.into())],
-            Memory::Release,
+            memory,
         )?;
         let (shape, feats) = read_floats(STAGE, &out[0].1, None)?;
         if shape.len() != 2 || shape[1] as usize != self.spec.hidden {
@@ -540,8 +549,11 @@ impl Model {
             return self.decode(embeds, positions, cache);
         }
         let mut logits = Vec::new();
-        for part in embeds.chunks(PREFILL_CHUNK * hidden) {
-            logits = self.decode(part.to_vec(), part.len() / hidden, cache)?;
+        let chunks = positions.div_ceil(PREFILL_CHUNK);
+        for (i, part) in embeds.chunks(PREFILL_CHUNK * hidden).enumerate() {
+            // One chunk's working memory serves the next; it goes back after the last.
+            let memory = if i + 1 == chunks { Memory::Release } else { Memory::Keep };
+            logits = self.run_positions(part.to_vec(), part.len() / hidden, cache, memory)?;
         }
         Ok(logits)
     }
@@ -549,15 +561,19 @@ impl Model {
     /// Runs the decoder on `seq` new positions (`embeds` is `[seq * hidden]`), advances
     /// `cache`, and returns the logits of the last position.
     pub fn decode(&self, embeds: Vec<f32>, seq: usize, cache: &mut HybridCache) -> Result<Vec<f32>> {
+        // A prompt's working set (attention over it) is not needed by the one-position
+        // steps that follow.
+        let memory = if seq > 1 { Memory::Release } else { Memory::Keep };
+        self.run_positions(embeds, seq, cache, memory)
+    }
+
+    fn run_positions(&self, embeds: Vec<f32>, seq: usize, cache: &mut HybridCache, memory: Memory) -> Result<Vec<f32>> {
         const STAGE: &str = "decoder";
         let s = &self.spec;
         let total = cache.past_len + seq;
         let x = float_value(STAGE, s.embeds_float, &[1, seq, s.hidden], embeds)?;
         let mask = i64_value(STAGE, &[1, total], vec![1; total])?;
         let names = cache_input_names(&s.layers);
-        // A prompt chunk's working set (attention over the chunk) is not needed by the
-        // one-position steps that follow.
-        let memory = if seq > 1 { Memory::Release } else { Memory::Keep };
         let (logits, layers) = self.run_decoder(decoder_inputs(x, mask, &cache.layers, &names), memory)?;
         // All positions, or only the last one when the LM head was moved behind a slice.
         let rows = float_dims(STAGE, &logits)?.get(1).copied().unwrap_or(0).max(0) as usize;
