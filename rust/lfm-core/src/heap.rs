@@ -6,8 +6,7 @@
 //! are freed) inside the process, so without a trim a long-running engine's resident size
 //! drifts up by the fragments of every call. `Graph::run` trims after the last vision call
 //! of an image and the last chunk of a prompt (the calls before reuse the same working
-//! memory; trimming after each one cost ~10% of vision time in page faults), and the
-//! scheduler after each admitted request.
+//! memory; trimming after each one cost ~10% of vision time in page faults).
 //! Freed batch rows release their key/value pages the same way (`release_pages`).
 
 /// Returns free heap pages to the system where the allocator allows it (glibc).

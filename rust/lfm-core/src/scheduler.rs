@@ -137,8 +137,6 @@ impl Worker {
         let Job { messages, images, options, grammar, cancel, sink, reply } = job;
         let started =
             catch_panic("prefill", || self.engine.start(&messages, images, &options, grammar.as_ref(), cancel, sink));
-        // Vision and prefill freed their working memory; keep it from piling up.
-        crate::heap::release_free_memory();
         let (seq, cache, logits) = match started {
             Ok(x) => x,
             Err(e) => return reply(Err(e)),

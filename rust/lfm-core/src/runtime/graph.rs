@@ -250,9 +250,10 @@ impl Graph {
 
     /// Runs the graph on named inputs; returns every output, owned, in graph order.
     ///
-    /// `Memory::Release` hands the memory ONNX Runtime's arena grew by during the call back
-    /// to the system afterwards (arena shrinkage, then a trim of the C heap) (for calls with large working sets that do not repeat at
-    /// once: a vision entry, a prompt chunk); otherwise the arena keeps it for the next call.
+    /// `Memory::Release` hands the memory ONNX Runtime's arena grew by back to the system
+    /// after the call (arena shrinkage, then a trim of the C heap): for the last of a run of
+    /// calls with large working sets (an image's last vision entry, a prompt's last chunk).
+    /// With `Memory::Keep` the arena keeps it for the next call.
     pub fn run(
         &self,
         stage: &'static str,
