@@ -21,7 +21,6 @@ pub mod files;
 pub mod fuzzing;
 #[cfg(feature = "inference")]
 pub mod grammar;
-#[cfg(feature = "inference")]
 pub mod heap;
 pub mod request;
 #[cfg(feature = "inference")]

@@ -5,6 +5,7 @@
 use crate::error::Result;
 
 use super::RgbImage;
+use super::parallel::par_items;
 use super::plan::{Geometry, TileGrid};
 use super::resize::resize;
 
@@ -80,29 +81,38 @@ pub fn preprocess_padded(image: &RgbImage, grid: &TileGrid, padding: Padding) ->
         Padding::Tight => entries.iter().map(|e| (e.3 / p) * (e.4 / p)).max().unwrap_or(0),
     };
     let n = entries.len();
-    let mut pixel_values = vec![0f32; n * per_entry * patch_dim];
     let mut mask = vec![0i64; n * per_entry];
     let mut shapes = Vec::with_capacity(n * 2);
+    for (e, &(_, _, _, h, w)) in entries.iter().enumerate() {
+        shapes.extend([(h / p) as i64, (w / p) as i64]);
+        mask[e * per_entry..e * per_entry + (h / p) * (w / p)].fill(1);
+    }
 
+    // Zero-filled by the allocator, so padding needs no writes; entries are written in
+    // parallel, each touching only its own pages.
+    let mut pixel_values = vec![0f32; n * per_entry * patch_dim];
+    crate::heap::prefer_huge_pages(&mut pixel_values);
     let table = normalise_table();
-    for (e, &(src, x0, y0, h, w)) in entries.iter().enumerate() {
-        let (hp, wp) = (h / p, w / p);
-        shapes.extend([hp as i64, wp as i64]);
-        mask[e * per_entry..e * per_entry + hp * wp].fill(1);
-        let stride = src.width as usize * 3;
-        for py in 0..hp {
-            for px in 0..wp {
-                let base = (e * per_entry + py * wp + px) * patch_dim;
-                for dy in 0..p {
-                    let row = (y0 + py * p + dy) * stride + (x0 + px * p) * 3;
-                    let out = &mut pixel_values[base + dy * p * 3..base + (dy + 1) * p * 3];
-                    for (o, &b) in out.iter_mut().zip(&src.data[row..row + p * 3]) {
-                        *o = table[b as usize];
+    let entry_len = per_entry * patch_dim;
+    par_items(&mut pixel_values, entry_len, 1 << 18, |first, run| {
+        for (k, out) in run.chunks_exact_mut(entry_len).enumerate() {
+            let (src, x0, y0, h, w) = entries[first + k];
+            let (hp, wp) = (h / p, w / p);
+            let stride = src.width as usize * 3;
+            for py in 0..hp {
+                for px in 0..wp {
+                    let base = (py * wp + px) * patch_dim;
+                    for dy in 0..p {
+                        let row = (y0 + py * p + dy) * stride + (x0 + px * p) * 3;
+                        let out = &mut out[base + dy * p * 3..base + (dy + 1) * p * 3];
+                        for (o, &b) in out.iter_mut().zip(&src.data[row..row + p * 3]) {
+                            *o = table[b as usize];
+                        }
                     }
                 }
             }
         }
-    }
+    });
     Ok(PreprocessedImage {
         pixel_values,
         pixel_attention_mask: mask,

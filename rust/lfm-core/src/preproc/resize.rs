@@ -8,6 +8,9 @@
 //! features by ~1e-2, far above the logits tolerance the engine is held to.
 
 use super::RgbImage;
+use super::parallel::par_items;
+#[cfg(target_arch = "x86_64")]
+use super::resize_x86;
 
 /// Integer filter taps of one axis.
 struct Taps {
@@ -87,74 +90,109 @@ impl Taps {
     }
 }
 
-/// Runs `f(first_row, rows_chunk)` over `out` split into row chunks, on up to the
-/// machine's cores for large images (the work is identical whatever the split).
+/// Rows of an output image: in parallel from 256 KiB on, and from 64 rows.
 fn par_rows(out: &mut [u8], row_len: usize, f: impl Fn(usize, &mut [u8]) + Sync) {
-    let rows = out.len() / row_len.max(1);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
-    if threads <= 1 || rows < 64 || out.len() < (1 << 20) {
-        f(0, out);
-        return;
-    }
-    let per = rows.div_ceil(threads);
-    std::thread::scope(|scope| {
-        for (k, chunk) in out.chunks_mut(per * row_len).enumerate() {
-            let f = &f;
-            scope.spawn(move || f(k * per, chunk));
+    let min_len = (1 << 18).max(64 * row_len);
+    par_items(out, row_len, min_len, f);
+}
+
+/// Horizontal pass: every row of `src` resized to `width` pixels.
+fn horizontal(src: &RgbImage, width: usize, kernels: bool) -> Vec<u8> {
+    let (sw, sh) = (src.width as usize, src.height as usize);
+    let taps = Taps::new(sw, width);
+    let pixel = |y: usize, x: usize, px: &mut [u8]| {
+        let row = &src.data[y * sw * 3..(y + 1) * sw * 3];
+        let (start, w) = taps.of(x);
+        let mut acc = [taps.bias(); 3];
+        for (k, &wk) in w.iter().enumerate() {
+            let s = &row[(start + k) * 3..(start + k) * 3 + 3];
+            acc[0] += s[0] as i32 * wk;
+            acc[1] += s[1] as i32 * wk;
+            acc[2] += s[2] as i32 * wk;
+        }
+        px.copy_from_slice(&acc.map(|a| taps.round(a)));
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = kernels;
+    #[cfg(target_arch = "x86_64")]
+    let simd = kernels.then(|| resize_x86::HorizontalTaps::new(&taps.start, &taps.weights, taps.max_len));
+    let mut out = vec![0u8; sh * width * 3];
+    par_rows(&mut out, width * 3, |y0, chunk| {
+        for (dy, dst) in chunk.chunks_exact_mut(width * 3).enumerate() {
+            let y = y0 + dy;
+            #[cfg(target_arch = "x86_64")]
+            if let Some(t) = &simd {
+                let scalar = |x: usize, px: &mut [u8]| pixel(y, x, px);
+                // SAFETY: `kernels` is true only where `resize_x86::available()` said yes.
+                unsafe {
+                    resize_x86::horizontal_row(&src.data, y * sw * 3, dst, t, taps.bias(), taps.precision, scalar)
+                };
+                continue;
+            }
+            for (x, px) in dst.chunks_exact_mut(3).enumerate() {
+                pixel(y, x, px);
+            }
         }
     });
+    out
 }
+
+/// Vertical pass: `mid` (rows of `row_len` bytes) resized to `height` rows.
+fn vertical(mid: &[u8], row_len: usize, height: usize, kernels: bool) -> Vec<u8> {
+    let taps = Taps::new(mid.len() / row_len, height);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = kernels;
+    // Columns `first..` of output row `y`.
+    let columns = |y: usize, first: usize, dst: &mut [u8]| {
+        let (start, w) = taps.of(y);
+        let mut acc = vec![taps.bias(); dst.len()];
+        for (k, &wk) in w.iter().enumerate() {
+            let src = &mid[(start + k) * row_len + first..(start + k) * row_len + first + dst.len()];
+            for (a, &v) in acc.iter_mut().zip(src) {
+                *a += v as i32 * wk;
+            }
+        }
+        for (d, &a) in dst.iter_mut().zip(&acc) {
+            *d = taps.round(a);
+        }
+    };
+    let mut out = vec![0u8; height * row_len];
+    par_rows(&mut out, row_len, |y0, chunk| {
+        for (dy, dst) in chunk.chunks_exact_mut(row_len).enumerate() {
+            let y = y0 + dy;
+            #[cfg(target_arch = "x86_64")]
+            if kernels {
+                let (start, w) = taps.of(y);
+                let scalar = |first: usize, rest: &mut [u8]| columns(y, first, rest);
+                // SAFETY: SSE2 is part of x86-64.
+                unsafe { resize_x86::vertical_row(mid, start, w, dst, taps.bias(), taps.precision, scalar) };
+                continue;
+            }
+            columns(y, 0, dst);
+        }
+    });
+    out
+}
+
+/// Whether the x86-64 kernels run (checked once per process).
+#[cfg(target_arch = "x86_64")]
+static KERNELS: std::sync::LazyLock<bool> = std::sync::LazyLock::new(resize_x86::available);
+#[cfg(not(target_arch = "x86_64"))]
+static KERNELS: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| false);
 
 /// Resizes `src` to `width x height`.
 pub fn resize(src: &RgbImage, width: usize, height: usize) -> RgbImage {
+    resize_with(src, width, height, *KERNELS)
+}
+
+/// [`resize`] with the x86-64 kernels or without (`kernels` only where they are available).
+fn resize_with(src: &RgbImage, width: usize, height: usize, kernels: bool) -> RgbImage {
     let (sw, sh) = (src.width as usize, src.height as usize);
-    // Horizontal pass (skipped when the width does not change).
-    let horizontal = if width != sw {
-        let taps = Taps::new(sw, width);
-        let mut out = vec![0u8; sh * width * 3];
-        par_rows(&mut out, width * 3, |y0, chunk| {
-            for (dy, dst) in chunk.chunks_exact_mut(width * 3).enumerate() {
-                let y = y0 + dy;
-                let row = &src.data[y * sw * 3..(y + 1) * sw * 3];
-                for (x, px) in dst.chunks_exact_mut(3).enumerate() {
-                    let (start, w) = taps.of(x);
-                    let mut acc = [taps.bias(); 3];
-                    for (k, &wk) in w.iter().enumerate() {
-                        let s = &row[(start + k) * 3..(start + k) * 3 + 3];
-                        acc[0] += s[0] as i32 * wk;
-                        acc[1] += s[1] as i32 * wk;
-                        acc[2] += s[2] as i32 * wk;
-                    }
-                    px.copy_from_slice(&acc.map(|a| taps.round(a)));
-                }
-            }
-        });
-        Some(out)
-    } else {
-        None
-    };
+    // Horizontal pass first, as torchvision does (skipped when the width does not change).
+    let horizontal = (width != sw).then(|| horizontal(src, width, kernels));
     let mid: &[u8] = horizontal.as_deref().unwrap_or(&src.data);
     let data = if height != sh {
-        let taps = Taps::new(sh, height);
-        let row_len = width * 3;
-        let mut out = vec![0u8; height * row_len];
-        par_rows(&mut out, row_len, |y0, chunk| {
-            let mut acc = vec![0i32; row_len];
-            for (dy, dst) in chunk.chunks_exact_mut(row_len).enumerate() {
-                let (start, w) = taps.of(y0 + dy);
-                acc.fill(taps.bias());
-                for (k, &wk) in w.iter().enumerate() {
-                    let src = &mid[(start + k) * row_len..(start + k + 1) * row_len];
-                    for (a, &v) in acc.iter_mut().zip(src) {
-                        *a += v as i32 * wk;
-                    }
-                }
-                for (d, &a) in dst.iter_mut().zip(&acc) {
-                    *d = taps.round(a);
-                }
-            }
-        });
-        out
+        vertical(mid, width * 3, height, kernels)
     } else {
         horizontal.unwrap_or_else(|| src.data.clone())
     };
@@ -172,5 +210,31 @@ mod tests {
         let flat = RgbImage { width: 7, height: 5, data: vec![200; 105] };
         let r = resize(&flat, 3, 11);
         assert!(r.data.iter().all(|&v| v == 200));
+    }
+
+    /// The x86-64 kernels give the scalar passes' bytes: up- and downscaling on each axis,
+    /// one to many taps, widths that leave SIMD tails, images a load can overrun.
+    #[test]
+    fn kernels_match_scalar() {
+        if !*KERNELS {
+            return;
+        }
+        let mut seed = 0x2545_f491_u32;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        let sizes = [(1, 1), (1, 7), (5, 3), (16, 16), (17, 9), (33, 64), (640, 480), (300, 400), (1920, 37)];
+        let targets = [(1, 1), (2, 3), (7, 5), (15, 17), (31, 29), (64, 48), (512, 512), (416, 576), (672, 384)];
+        for &(w, h) in &sizes {
+            let data = (0..w * h * 3).map(|_| (next() >> 24) as u8).collect();
+            let img = RgbImage { width: w as u32, height: h as u32, data };
+            for &(tw, th) in &targets {
+                let scalar = resize_with(&img, tw, th, false);
+                assert_eq!(resize_with(&img, tw, th, true), scalar, "{w}x{h} -> {tw}x{th}");
+            }
+        }
     }
 }
