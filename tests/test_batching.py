@@ -70,8 +70,9 @@ def test_graph_semantics_are_detected() -> None:
 
 
 def test_gqa_decoder_updates_its_cache_in_place() -> None:
-    assert lfm.Engine.from_dir(MODELS / "tiny16-gqa").spec["kv_cache"] == "in_place"
-    assert lfm.Engine.from_dir(MODELS / "tiny16").spec["kv_cache"] == "copied"
+    gqa, plain = lfm.Engine.from_dir(MODELS / "tiny16-gqa").spec, lfm.Engine.from_dir(MODELS / "tiny16").spec
+    assert (gqa["kv_cache"], gqa["prefill"]) == ("in_place", "in_place")
+    assert (plain["kv_cache"], plain["prefill"]) == ("copied", "one_run")
 
 
 def test_in_place_cache_grows_past_its_headroom() -> None:

@@ -189,6 +189,11 @@ def test_variant_loads(engine: Any, name: str, variant: Any) -> None:
     # Only float32 vision graphs get the fused attention and GELU kernels.
     assert base.pop("vision_attention") == "fused"
     assert spec.pop("vision_attention") == "as_exported"
+    # A decoder that quantizes activations per call takes a long prompt in one run (its
+    # results depend on which positions share a call), as the model card runs it.
+    decoder_q8 = variant == "q8" or (isinstance(variant, dict) and variant.get("decoder_model_merged") == "q8")
+    want = "one_run" if decoder_q8 else base["prefill"]
+    assert (spec.pop("prefill"), base.pop("prefill")) == (want, "in_place" if name == "tiny16-gqa" else "one_run")
     assert spec == base  # widths and layer layout read from the variant graphs
 
 
@@ -266,6 +271,23 @@ def test_engine_matches_direct_ort(
                 break
         else:
             assert list(gen.token_ids) == ids
+
+
+@pytest.mark.parametrize("variant", ["fp32", "q8"])
+def test_long_prompt_matches_one_run(engine: Any, variants: Path, variant: str) -> None:
+    # Over 512 positions a GroupQueryAttention decoder prefills in chunks; a q8 decoder
+    # quantizes activations with scales of the whole call, so it must get the prompt in one
+    # run, as the model card's loop gives it (chunks moved its logits by ~0.4 of max|logit|
+    # on a 24-position check); float32 chunks agree with one run to rounding.
+    e = engine("tiny16-gqa", variant)
+    assert e.spec["prefill"] == ("one_run" if variant == "q8" else "in_place")
+    prompt = "Tell me a story about a cat. " * 80
+    ids = e.encode_prompt(prompt)
+    assert len(ids) > 1024
+    suffix = "" if variant == "fp32" else "_q8"
+    rows, _ = direct_greedy(variants / "tiny16-gqa", "embed_tokens", f"decoder_model_merged{suffix}", ids, 1)
+    got = e.next_token_logits(prompt)
+    assert float(np.abs(got - rows[0]).max()) <= 1e-4 * float(np.abs(rows[0]).max())
 
 
 # (3) greedy generation --------------------------------------------------------------------

@@ -98,7 +98,11 @@ class Engine:
         """What the engine read from the graphs: widths (hidden size, vocab, layer kinds,
         cache shapes) and how it runs them: ``attention_rows`` (``"mask_lengths"``: rows of
         different lengths batch exactly; ``"cache_width"``: sequences decode one at a time),
-        ``kv_cache`` (``"in_place"`` or ``"copied"`` per batched step) and
+        ``kv_cache`` (``"in_place"`` or ``"copied"`` per batched step), ``prefill``
+        (how a prompt over 512 positions runs: ``"in_place"``, in chunks appended to one
+        pre-sized cache, which a check at load found exact; ``"chunked"``, each chunk
+        returning a new cache; ``"one_run"``, whole, for decoders that place positions by
+        the cache width or quantize activations per call) and
         ``vision_attention`` (``"fused"``: the float32 vision encoder's attention and GELU run
         as ONNX Runtime's fused kernels; ``"as_exported"``)."""
         spec: dict[str, Any] = self._check_process().spec()

@@ -239,10 +239,7 @@ impl Worker {
                 let worst = alone
                     .iter()
                     .zip(&batched)
-                    .map(|((_, a), b)| {
-                        let scale = a.iter().fold(1f32, |m, v| m.max(v.abs()));
-                        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
-                    })
+                    .map(|((_, a), b)| crate::runtime::model::relative_difference(a, b))
                     .fold(0f32, f32::max);
                 // fp32 rows agree to rounding; fp16 ones to a few half-precision steps.
                 let spec = engine.spec();

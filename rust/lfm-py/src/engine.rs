@@ -14,6 +14,7 @@ use lfm_core::files::ModelFiles;
 use lfm_core::grammar::Grammar;
 use lfm_core::options::{self, EngineOptions, RequestOptions};
 use lfm_core::request::{Cancel, Closer, Generation, ImageSource};
+use lfm_core::runtime::model::Prefill;
 use lfm_core::scheduler::{Job, Scheduler};
 use lfm_core::sequence::TextSink;
 use numpy::PyArray1;
@@ -322,6 +323,12 @@ impl PyEngine {
         };
         d.set_item("attention_rows", batching)?;
         d.set_item("kv_cache", if s.kv_in_place { "in_place" } else { "copied" })?;
+        let prefill = match s.prefill {
+            Prefill::OneRun => "one_run",
+            Prefill::Chunked => "chunked",
+            Prefill::InPlace => "in_place",
+        };
+        d.set_item("prefill", prefill)?;
         d.set_item("vision_attention", if s.vision_fused { "fused" } else { "as_exported" })?;
         Ok(d)
     }

@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 
 use ort::value::DynValue;
 
+use super::graph::Memory;
 use super::model::{HybridCache, LayerCache, LayerKind, Model};
 use super::tensor::{FloatType, float_value, i64_value, read_floats};
 
@@ -395,13 +396,11 @@ impl Model {
         let x = float_value(STAGE, s.embeds_float, &[slots, 1, s.hidden], x)?;
         let mask = i64_value(STAGE, &[slots, total], mask)?;
         let logits = if s.kv_in_place {
-            self.decode_in_place(x, mask, batch)?
+            self.decode_in_place(x, mask, batch, Memory::Keep)?
         } else {
             let names = super::model::cache_input_names(&s.layers);
-            let (logits, presents) = self.run_decoder(
-                super::model::decoder_inputs(x, mask, &batch.layers, &names),
-                super::graph::Memory::Keep,
-            )?;
+            let (logits, presents) =
+                self.run_decoder(super::model::decoder_inputs(x, mask, &batch.layers, &names), Memory::Keep)?;
             batch.layers = presents;
             batch.width = total;
             logits
@@ -428,10 +427,54 @@ impl Model {
         Ok(rows)
     }
 
+    /// Prefills `embeds` (`[positions * hidden]`) into the fresh `cache` in chunks of
+    /// `chunk` positions, through key/value tensors as wide as the whole prompt that the
+    /// attention fills in place: no chunk copies the keys and values before it, and the
+    /// prompt's are never held twice. Returns the last position's logits.
+    pub(super) fn prefill_in_place(&self, embeds: &[f32], chunk: usize, cache: &mut HybridCache) -> Result<Vec<f32>> {
+        let s = &self.spec;
+        let positions = embeds.len() / s.hidden;
+        if cache.past_len != 0 || positions == 0 {
+            return Err(Error::Internal("in-place prefill needs a fresh cache and a prompt".into()));
+        }
+        let kv = || {
+            float_value(
+                STAGE,
+                s.kv_float,
+                &[1, s.kv_heads, positions, s.head_dim],
+                vec![0.0; s.kv_heads * positions * s.head_dim],
+            )
+        };
+        let layers = std::mem::take(&mut cache.layers)
+            .into_iter()
+            .map(|layer| {
+                Ok(match layer {
+                    LayerCache::Attention { .. } => LayerCache::Attention { key: kv()?, value: kv()? },
+                    conv => conv,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut one = BatchCache { layers, lens: vec![0], slots: vec![0], capacity: 1, width: positions };
+        let mut logits = Vec::new();
+        let mut done = 0;
+        for part in embeds.chunks(chunk * s.hidden) {
+            let seq = part.len() / s.hidden;
+            let x = float_value(STAGE, s.embeds_float, &[1, seq, s.hidden], part.to_vec())?;
+            let mask = i64_value(STAGE, &[1, done + seq], vec![1; done + seq])?;
+            done += seq;
+            // One chunk's working memory serves the next; it goes back after the last.
+            let memory = if done == positions { Memory::Release } else { Memory::Keep };
+            logits = self.last_logits(&self.decode_in_place(x, mask, &mut one, memory)?, seq)?;
+        }
+        cache.layers = one.layers;
+        cache.past_len = positions;
+        Ok(logits)
+    }
+
     /// A decoder step whose key/value outputs are bound to the key/value inputs, so the
     /// attention writes each row's new position into the batch's own buffers. Returns the
     /// logits; the conv states are replaced by the step's.
-    fn decode_in_place(&self, x: DynValue, mask: DynValue, batch: &mut BatchCache) -> Result<DynValue> {
+    fn decode_in_place(&self, x: DynValue, mask: DynValue, batch: &mut BatchCache, memory: Memory) -> Result<DynValue> {
         let names: Vec<(String, String)> =
             (self.spec.layers.iter().enumerate()).flat_map(|(i, &kind)| super::model::cache_names(i, kind)).collect();
         let mut outputs: Vec<(String, Option<DynValue>)> = vec![("logits".to_string(), None)];
@@ -455,7 +498,7 @@ impl Model {
             }
         }
         // Outputs come back in the order bound: logits, then each layer's cache.
-        let mut out = self.run_bound_decoder(&inputs, outputs)?.into_iter().map(|(_, v)| v);
+        let mut out = self.run_bound_decoder(&inputs, outputs, memory)?.into_iter().map(|(_, v)| v);
         let logits = out.next().ok_or_else(|| Error::inference(STAGE, "no logits"))?;
         for layer in &mut batch.layers {
             match layer {

@@ -216,12 +216,14 @@ impl Graph {
     /// Runs the graph through an I/O binding: `outputs` pairs each output name with a
     /// tensor to write into (`Some`, which may be one of the inputs: ONNX Runtime's
     /// GroupQueryAttention then updates its key/value cache in place) or `None` for a
-    /// tensor ONNX Runtime allocates. Returns the outputs in `outputs`' order.
+    /// tensor ONNX Runtime allocates. Returns the outputs in `outputs`' order. `memory` as
+    /// for [`Graph::run`].
     pub fn run_bound(
         &self,
         stage: &'static str,
         inputs: &[(&str, &DynValue)],
         outputs: Vec<(String, Option<DynValue>)>,
+        memory: Memory,
     ) -> Result<Vec<(String, DynValue)>> {
         let err = |e: ort::Error| Error::inference(stage, e);
         let mut session =
@@ -238,7 +240,15 @@ impl Graph {
                 None => binding.bind_output_to_device(name, &cpu).map_err(err)?,
             }
         }
-        let mut out = session.run_binding(&binding).map_err(err)?;
+        let mut out = match memory {
+            Memory::Keep => session.run_binding(&binding).map_err(err)?,
+            Memory::Release => {
+                let options = release_options().map_err(err)?;
+                let out = session.run_binding_with_options(&binding, &options).map_err(err)?;
+                crate::heap::release_free_memory();
+                out
+            }
+        };
         names
             .into_iter()
             .map(|n| {
@@ -276,8 +286,7 @@ impl Graph {
         match memory {
             Memory::Keep => take(session.run(inputs).map_err(err)?),
             Memory::Release => {
-                let mut options = RunOptions::new().map_err(err)?;
-                options.set("memory.enable_memory_arena_shrinkage", "cpu:0").map_err(err)?;
+                let options = release_options().map_err(err)?;
                 let outputs = take(session.run_with_options(inputs, &options).map_err(err)?);
                 // The arena frees its regions to the C heap, which keeps blocks of up to
                 // 32 MB for reuse: trim it too, or each call leaves some resident.
@@ -286,4 +295,11 @@ impl Graph {
             }
         }
     }
+}
+
+/// Run options under which ONNX Runtime's CPU arena gives back what the run grew it by.
+fn release_options() -> ort::Result<RunOptions> {
+    let mut options = RunOptions::new()?;
+    options.set("memory.enable_memory_arena_shrinkage", "cpu:0")?;
+    Ok(options)
 }

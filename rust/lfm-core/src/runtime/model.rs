@@ -53,6 +53,8 @@ pub struct ModelSpec {
     pub batching: super::batch::BatchSemantics,
     /// Whether the attention layers can update a pre-sized key/value cache in place.
     pub kv_in_place: bool,
+    /// How prompts longer than a chunk go through the decoder.
+    pub prefill: Prefill,
     /// Whether the vision encoder quantizes activations with scales taken from its input
     /// (dynamic int8): then its output depends on which tiles share a call, so all of an
     /// image's tiles go in one call, as the model card runs it.
@@ -64,6 +66,20 @@ pub struct ModelSpec {
     /// Element types of the conv states and of the key/value caches.
     pub conv_float: FloatType,
     pub kv_float: FloatType,
+}
+
+/// How a prompt longer than `PREFILL_CHUNK` positions goes through the decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefill {
+    /// In one run: decoders that place positions by the cache width, and decoders that
+    /// quantize activations with scales of the whole call (their results depend on which
+    /// positions share a call; the model card runs the whole prompt at once).
+    OneRun,
+    /// In chunks, each returning a new cache one chunk longer.
+    Chunked,
+    /// In chunks appended in place to one cache sized for the prompt (`kv_in_place`, and
+    /// a check at load found it equal to one run).
+    InPlace,
 }
 
 /// One layer's cache.
@@ -248,9 +264,44 @@ impl Model {
             spec.batching = super::batch::BatchSemantics::MaskLengths;
         }
         spec.kv_in_place = kv_in_place(&spec.layers, &nodes);
+        let decoder_activation_quant = nodes.iter().any(|n| n.op.starts_with("DynamicQuantize"));
+        if spec.batching == super::batch::BatchSemantics::MaskLengths && !decoder_activation_quant {
+            spec.prefill = Prefill::Chunked;
+        }
         spec.vision_activation_quant = vision_activation_quant;
         spec.vision_fused = vision_fused;
-        Ok(Model { spec, warnings, vision, embed, decoder })
+        let mut model = Model { spec, warnings, vision, embed, decoder };
+        if model.spec.kv_in_place && model.spec.prefill == Prefill::Chunked {
+            match model.check_prefill_in_place() {
+                Ok(()) => model.spec.prefill = Prefill::InPlace,
+                Err(e) => model.warnings.push(format!("long prompts are prefilled without the in-place cache: {e}")),
+            }
+        }
+        Ok(model)
+    }
+
+    /// Prefills a short prompt in place in chunks of a few positions and in one ordinary
+    /// run, and fails unless the last logits agree to rounding: the in-place chunks rely
+    /// on the attention appending each chunk after a cache that is wider than the mask,
+    /// which a graph or provider could implement differently (as for batched steps, the
+    /// engine checks rather than trusts it). Two decoder runs on ~24 positions.
+    fn check_prefill_in_place(&self) -> Result<()> {
+        const POSITIONS: usize = 24;
+        let ids: Vec<u32> = (0..POSITIONS).map(|i| ((i * 7919 + 1) % self.spec.vocab) as u32).collect();
+        let embeds = self.embed(&ids)?;
+        let mut whole = self.new_cache()?;
+        let want = self.run_positions(embeds.clone(), POSITIONS, &mut whole, Memory::Keep)?;
+        let mut chunked = self.new_cache()?;
+        let got = self.prefill_in_place(&embeds, POSITIONS / 3, &mut chunked)?;
+        let diff = relative_difference(&want, &got);
+        let tolerance = if self.spec.kv_float == FloatType::F16 { 4e-3 } else { 1e-4 };
+        if diff > tolerance {
+            return Err(Error::inference(
+                "decoder",
+                format!("chunks prefilled in place give logits {diff:.2e} apart from one run (relative)"),
+            ));
+        }
+        Ok(())
     }
 
     /// The vision encoder, with its attention and GELU fused into ONNX Runtime's kernels
@@ -367,6 +418,7 @@ impl Model {
             layers,
             batching: super::batch::BatchSemantics::CacheWidth,
             kv_in_place: false,
+            prefill: Prefill::OneRun,
             vision_activation_quant: false,
             vision_fused: false,
             vision_float: float(&pv),
@@ -534,19 +586,24 @@ impl Model {
         &self,
         inputs: &[(&str, &DynValue)],
         outputs: Vec<(String, Option<DynValue>)>,
+        memory: Memory,
     ) -> Result<Vec<(String, DynValue)>> {
-        self.decoder.run_bound("decoder", inputs, outputs)
+        self.decoder.run_bound("decoder", inputs, outputs, memory)
     }
 
     /// Runs a prompt (`embeds` is `[positions * hidden]`) into `cache` and returns the
     /// logits after its last position. On GroupQueryAttention decoders, which take new
-    /// positions after a cache for one sequence, long prompts go in chunks: the same
-    /// result, with the attention scores of a chunk (not the whole prompt) in memory.
+    /// positions after a cache for one sequence, long prompts go in chunks (`Prefill`):
+    /// the same result, with the attention scores of a chunk (not the whole prompt) in
+    /// memory.
     pub fn prefill(&self, embeds: Vec<f32>, cache: &mut HybridCache) -> Result<Vec<f32>> {
         let hidden = self.spec.hidden;
         let positions = embeds.len() / hidden;
-        if self.spec.batching != super::batch::BatchSemantics::MaskLengths || positions <= PREFILL_CHUNK {
+        if self.spec.prefill == Prefill::OneRun || positions <= PREFILL_CHUNK {
             return self.decode(embeds, positions, cache);
+        }
+        if self.spec.prefill == Prefill::InPlace && cache.past_len == 0 {
+            return self.prefill_in_place(&embeds, PREFILL_CHUNK, cache);
         }
         let mut logits = Vec::new();
         let chunks = positions.div_ceil(PREFILL_CHUNK);
@@ -575,18 +632,30 @@ impl Model {
         let mask = i64_value(STAGE, &[1, total], vec![1; total])?;
         let names = cache_input_names(&s.layers);
         let (logits, layers) = self.run_decoder(decoder_inputs(x, mask, &cache.layers, &names), memory)?;
-        // All positions, or only the last one when the LM head was moved behind a slice.
-        let rows = float_dims(STAGE, &logits)?.get(1).copied().unwrap_or(0).max(0) as usize;
-        let (shape, row) = read_floats(STAGE, &logits, Some(rows.saturating_sub(1) * s.vocab..rows * s.vocab))?;
-        if shape.len() != 3 || !(rows == seq || rows == 1) || shape[2] as usize != s.vocab {
-            return Err(Error::inference(
-                STAGE,
-                format!("logits have shape {shape:?}, expected [1, {seq}, {}]", s.vocab),
-            ));
-        }
-        check_finite(STAGE, &row)?;
+        let row = self.last_logits(&logits, seq)?;
         cache.layers = layers;
         cache.past_len = total;
         Ok(row)
     }
+
+    /// The last position's row of one sequence's logits output for `seq` new positions.
+    pub(crate) fn last_logits(&self, logits: &DynValue, seq: usize) -> Result<Vec<f32>> {
+        const STAGE: &str = "decoder";
+        let vocab = self.spec.vocab;
+        // All positions, or only the last one when the LM head was moved behind a slice.
+        let rows = float_dims(STAGE, logits)?.get(1).copied().unwrap_or(0).max(0) as usize;
+        let (shape, row) = read_floats(STAGE, logits, Some(rows.saturating_sub(1) * vocab..rows * vocab))?;
+        if shape.len() != 3 || shape[0] != 1 || !(rows == seq || rows == 1) || shape[2] as usize != vocab {
+            return Err(Error::inference(STAGE, format!("logits have shape {shape:?}, expected [1, {seq}, {vocab}]")));
+        }
+        check_finite(STAGE, &row)?;
+        Ok(row)
+    }
+}
+
+/// Largest absolute difference between `a` and `b`, relative to `a`'s largest magnitude
+/// (at least 1).
+pub(crate) fn relative_difference(a: &[f32], b: &[f32]) -> f32 {
+    let scale = a.iter().fold(1f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
 }
