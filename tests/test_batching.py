@@ -5,11 +5,16 @@ sequence at a time. Mixed prompt lengths, images, grammars and seeds."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import lfm
+import numpy as np
+import onnx
 import pytest
 from conftest import MODELS, PROVIDERS, grad
+from onnx import helper, numpy_helper
 
 MODELS_UNDER_TEST = ["tiny16-gqa", "tiny16", "tiny6"]
 
@@ -73,6 +78,44 @@ def test_gqa_decoder_updates_its_cache_in_place() -> None:
     gqa, plain = lfm.Engine.from_dir(MODELS / "tiny16-gqa").spec, lfm.Engine.from_dir(MODELS / "tiny16").spec
     assert (gqa["kv_cache"], gqa["prefill"]) == ("in_place", "in_place")
     assert (plain["kv_cache"], plain["prefill"]) == ("copied", "one_run")
+
+
+def with_call_dependent_decoder(dst: Path) -> None:
+    """tiny16-gqa whose decoder adds half the mean of the call's input embeddings to each
+    position: its output depends on which positions share a call (as a decoder that
+    quantizes activations with per-call scales does), so chunks are not one run."""
+    shutil.copytree(MODELS / "tiny16-gqa", dst)
+    path = dst / "onnx" / "decoder_model_merged.onnx"
+    m = onnx.load(path)
+    g = m.graph
+    cast = next(n for n in g.node if n.op_type == "Cast" and "inputs_embeds" in n.input)
+    g.initializer.extend(
+        [numpy_helper.from_array(np.array([1], np.int64), "t_axes"), numpy_helper.from_array(np.float32(0.5), "t_half")]
+    )
+    new = [
+        helper.make_node("ReduceMean", ["inputs_embeds", "t_axes"], ["t_mean"], keepdims=1),
+        helper.make_node("Mul", ["t_mean", "t_half"], ["t_shift"]),
+        helper.make_node("Add", ["inputs_embeds", "t_shift"], ["t_embeds"]),
+    ]
+    cast.input[list(cast.input).index("inputs_embeds")] = "t_embeds"
+    at = list(g.node).index(cast)
+    for i, n in enumerate(new):
+        g.node.insert(at + i, n)
+    onnx.save(m, path)
+
+
+def test_prefill_check_keeps_chunks_apart_when_calls_differ(tmp_path: Path) -> None:
+    # The load check prefills a short prompt in place in chunks and in one run; where they
+    # differ, long prompts are chunked as before (each chunk a new cache) and a warning
+    # says why.
+    with_call_dependent_decoder(tmp_path / "m")
+    with pytest.warns(lfm.LfmWarning, match="prefilled without the in-place cache"):
+        e = lfm.Engine.from_dir(tmp_path / "m")
+    assert (e.spec["kv_cache"], e.spec["prefill"]) == ("in_place", "chunked")
+    plain = lfm.Engine.from_dir(MODELS / "tiny16-gqa")
+    prompt = "Tell me a story about a cat. " * 40
+    assert len(e.encode_prompt(prompt)) > 512
+    assert np.abs(e.next_token_logits(prompt) - plain.next_token_logits(prompt)).max() > 1e-3
 
 
 def test_in_place_cache_grows_past_its_headroom() -> None:
