@@ -18,21 +18,33 @@
 /// first write; contents never change.
 pub(crate) fn prefer_huge_pages<T: Copy>(data: &mut [T]) {
     #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let start = data.as_mut_ptr() as usize;
-        let end = start + std::mem::size_of_val(data);
-        let (first, last) = (start.div_ceil(HUGE) * HUGE, end / HUGE * HUGE);
-        if last > first {
-            // SAFETY: [first, last) lies inside `data`, borrowed exclusively; MADV_HUGEPAGE
-            // only changes how the kernel backs those pages, never their contents.
-            unsafe {
-                libc::madvise(first as *mut libc::c_void, last - first, libc::MADV_HUGEPAGE);
-            }
-        }
+    // SAFETY: MADV_HUGEPAGE only changes how the kernel backs those pages, never their
+    // contents.
+    unsafe {
+        advise_whole_pages(data, 2 << 20, libc::MADV_HUGEPAGE);
     }
     #[cfg(not(target_os = "linux"))]
     let _ = data;
+}
+
+/// `madvise(advice)` on the whole `page`-sized pages inside `data` (none when it spans
+/// no whole page).
+///
+/// # Safety
+/// `advice` must leave the memory valid for `T` (contents kept, or zero bytes where those
+/// are a valid `T`).
+#[cfg(target_os = "linux")]
+unsafe fn advise_whole_pages<T>(data: &mut [T], page: usize, advice: libc::c_int) {
+    let start = data.as_mut_ptr() as usize;
+    let end = start + std::mem::size_of_val(data);
+    let (first, last) = (start.div_ceil(page) * page, end / page * page);
+    if last > first {
+        // SAFETY: [first, last) lies inside `data`, which the caller borrows exclusively;
+        // what `advice` does to it is the caller's promise.
+        unsafe {
+            libc::madvise(first as *mut libc::c_void, last - first, advice);
+        }
+    }
 }
 
 /// Returns free heap pages to the system where the allocator allows it (glibc).
@@ -58,17 +70,10 @@ pub(crate) fn release_pages<T: Copy>(data: &mut [T]) {
         if page == 0 {
             return;
         }
-        let start = data.as_mut_ptr() as usize;
-        let end = start + std::mem::size_of_val(data);
-        let first = start.div_ceil(page) * page;
-        let last = end / page * page;
-        if last > first {
-            // SAFETY: [first, last) lies inside `data`, which this function borrows
-            // exclusively; MADV_DONTNEED replaces those pages with zero-filled ones, a valid
-            // value for the element types this is used with, and touches nothing outside.
-            unsafe {
-                libc::madvise(first as *mut libc::c_void, last - first, libc::MADV_DONTNEED);
-            }
+        // SAFETY: MADV_DONTNEED replaces those pages with zero-filled ones, a valid value for
+        // the element types this is used with, and touches nothing outside them.
+        unsafe {
+            advise_whole_pages(data, page, libc::MADV_DONTNEED);
         }
     }
     #[cfg(not(target_os = "linux"))]

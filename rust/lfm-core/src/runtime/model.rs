@@ -218,6 +218,13 @@ fn kv_in_place(layers: &[LayerKind], nodes: &[super::onnx_proto::GraphNode]) -> 
         })
 }
 
+/// Whether a graph quantizes activations with scales computed from each call's values
+/// (`DynamicQuantizeLinear` and its fused forms): its results then depend on what shares a
+/// call.
+fn quantizes_activations(nodes: &[super::onnx_proto::GraphNode]) -> bool {
+    nodes.iter().any(|n| n.op.starts_with("DynamicQuantize"))
+}
+
 /// The loaded graphs.
 pub struct Model {
     pub spec: ModelSpec,
@@ -237,8 +244,7 @@ impl std::fmt::Debug for Model {
 impl Model {
     pub fn load(paths: &GraphPaths, config: &SessionConfig) -> Result<Model> {
         let mut warnings = Vec::new();
-        let vision_activation_quant =
-            super::onnx_proto::graph_nodes(&paths.vision_encoder)?.iter().any(|n| n.op.starts_with("DynamicQuantize"));
+        let vision_activation_quant = quantizes_activations(&super::onnx_proto::graph_nodes(&paths.vision_encoder)?);
         let (vision, vision_fused) = Self::load_vision(paths, config, &mut warnings, vision_activation_quant)?;
         let embed = Graph::load(&paths.embed_tokens, config, &mut warnings)?;
         // The decoder returns logits for every position; after the prompt only the last
@@ -264,7 +270,7 @@ impl Model {
             spec.batching = super::batch::BatchSemantics::MaskLengths;
         }
         spec.kv_in_place = kv_in_place(&spec.layers, &nodes);
-        let decoder_activation_quant = nodes.iter().any(|n| n.op.starts_with("DynamicQuantize"));
+        let decoder_activation_quant = quantizes_activations(&nodes);
         if spec.batching == super::batch::BatchSemantics::MaskLengths && !decoder_activation_quant {
             spec.prefill = Prefill::Chunked;
         }
