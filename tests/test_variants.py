@@ -134,6 +134,22 @@ def engine(variants: Path) -> Iterator[Any]:
     _ENGINES.clear()
 
 
+def ort_providers(names: tuple[str, ...]) -> list[Any]:
+    """The engine's providers as the Python onnxruntime names them, with the options lfm
+    sets (TF32 off on CUDA), so the reference loop runs the same kernels as the engine:
+    fp16 and int8 kernels differ between providers by more than the tolerances below."""
+    ort_names = {
+        "cpu": "CPUExecutionProvider",
+        "cuda": ("CUDAExecutionProvider", {"use_tf32": "0"}),
+        "tensorrt": "TensorrtExecutionProvider",
+        "rocm": "ROCMExecutionProvider",
+        "directml": "DmlExecutionProvider",
+        "coreml": "CoreMLExecutionProvider",
+    }
+    chosen = [ort_names[n] for n in names]
+    return chosen if "cpu" in names else [*chosen, "CPUExecutionProvider"]
+
+
 def direct_greedy(
     model_dir: Path, embed: str, decoder: str, ids: list[int], steps: int
 ) -> tuple[list[np.ndarray], list[int]]:
@@ -141,8 +157,9 @@ def direct_greedy(
     of each step (fp32) and the chosen ids."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
-    emb = ort.InferenceSession(str(model_dir / "onnx" / f"{embed}.onnx"), so, providers=["CPUExecutionProvider"])
-    dec = ort.InferenceSession(str(model_dir / "onnx" / f"{decoder}.onnx"), so, providers=["CPUExecutionProvider"])
+    providers = ort_providers(PROVIDERS)
+    emb = ort.InferenceSession(str(model_dir / "onnx" / f"{embed}.onnx"), so, providers=providers)
+    dec = ort.InferenceSession(str(model_dir / "onnx" / f"{decoder}.onnx"), so, providers=providers)
     dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
     inputs = {i.name: i for i in dec.get_inputs()}
     feeds: dict[str, np.ndarray] = {}
