@@ -211,6 +211,11 @@ def test_variant_loads(engine: Any, name: str, variant: Any) -> None:
     decoder_q8 = variant == "q8" or (isinstance(variant, dict) and variant.get("decoder_model_merged") == "q8")
     want = "one_run" if decoder_q8 else base["prefill"]
     assert (spec.pop("prefill"), base.pop("prefill")) == (want, "in_place" if name == "tiny16-gqa" else "one_run")
+    # An int8 decoder quantizes the LM head's input with one scale for every position, so
+    # its tail cannot run on the last position alone; fp16 tails can.
+    tail, base_tail = spec.pop("last_position_ops"), base.pop("last_position_ops")
+    print(f"{name} {_vid(variant)}: last_position_ops {tail} (fp32 {base_tail})")
+    assert base_tail > 20 and (tail == 0 if decoder_q8 else tail >= base_tail)
     assert spec == base  # widths and layer layout read from the variant graphs
 
 

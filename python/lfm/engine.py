@@ -104,7 +104,9 @@ class Engine:
         returning a new cache; ``"one_run"``, whole, for decoders that place positions by
         the cache width or quantize activations per call) and
         ``vision_attention`` (``"fused"``: the float32 vision encoder's attention and GELU run
-        as ONNX Runtime's fused kernels; ``"as_exported"``)."""
+        as ONNX Runtime's fused kernels; ``"as_exported"``) and ``last_position_ops`` (how
+        many of the decoder's operators, from the last layer's feed-forward block to the LM
+        head, run for a prompt's last position only; 0: the decoder runs as exported)."""
         spec: dict[str, Any] = self._check_process().spec()
         return spec
 

@@ -330,6 +330,7 @@ impl PyEngine {
         };
         d.set_item("prefill", prefill)?;
         d.set_item("vision_attention", if s.vision_fused { "fused" } else { "as_exported" })?;
+        d.set_item("last_position_ops", s.last_position_ops)?;
         Ok(d)
     }
 

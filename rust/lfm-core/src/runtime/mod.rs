@@ -2,6 +2,8 @@
 
 pub mod batch;
 pub mod graph;
+mod graph_view;
+mod last_position;
 pub mod model;
 pub mod onnx_proto;
 pub mod tensor;

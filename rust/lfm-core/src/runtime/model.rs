@@ -61,6 +61,9 @@ pub struct ModelSpec {
     pub vision_activation_quant: bool,
     /// Whether the vision encoder runs with fused attention and GELU (`vision_fusion`).
     pub vision_fused: bool,
+    /// How many of the decoder's operators run for the last position only
+    /// (`last_position`); 0 when the graph runs as exported.
+    pub last_position_ops: usize,
     pub vision_float: FloatType,
     pub embeds_float: FloatType,
     /// Element types of the conv states and of the key/value caches.
@@ -248,21 +251,24 @@ impl Model {
         let (vision, vision_fused) = Self::load_vision(paths, config, &mut warnings, vision_activation_quant)?;
         let embed = Graph::load(&paths.embed_tokens, config, &mut warnings)?;
         // The decoder returns logits for every position; after the prompt only the last
-        // row is used, so the LM head is moved behind a slice of the last position when
-        // the graph allows it (saves the head's compute over the prompt and its output).
+        // row is used, so its position-wise tail (LM head, final norm, the last layer's
+        // feed-forward) runs behind a slice of the last position when the graph allows it.
         let sliced = if std::env::var_os("LFM_NO_LOGITS_SLICE").is_some() {
             None
         } else {
-            super::onnx_proto::slice_lm_head(&paths.decoder)?
+            super::last_position::slice_to_last_position(&paths.decoder)?
         };
         // A rewritten graph ONNX Runtime refuses falls back to the file as it is.
-        let decoder = match sliced.as_deref().map(|b| Graph::load_with(&paths.decoder, config, &mut warnings, Some(b)))
+        let (decoder, last_position_ops) = match sliced
+            .as_ref()
+            .map(|(b, n)| (Graph::load_with(&paths.decoder, config, &mut warnings, Some(b)), *n))
         {
-            Some(Ok(graph)) => graph,
-            _ => Graph::load(&paths.decoder, config, &mut warnings)?,
+            Some((Ok(graph), n)) => (graph, n),
+            _ => (Graph::load(&paths.decoder, config, &mut warnings)?, 0),
         };
         drop(sliced);
         let mut spec = Self::check_contracts(&vision, &embed, &decoder)?;
+        spec.last_position_ops = last_position_ops;
         // GroupQueryAttention takes each row's length from its mask row; anything else is
         // assumed to derive positions from the cache width.
         let nodes = super::onnx_proto::graph_nodes(&paths.decoder)?;
@@ -427,6 +433,7 @@ impl Model {
             prefill: Prefill::OneRun,
             vision_activation_quant: false,
             vision_fused: false,
+            last_position_ops: 0,
             vision_float: float(&pv),
             embeds_float: float(&din),
             conv_float: conv_float.unwrap_or(FloatType::F32),

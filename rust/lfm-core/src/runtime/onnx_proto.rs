@@ -131,7 +131,11 @@ pub fn graph_nodes(path: &Path) -> Result<Vec<GraphNode>> {
 // ---------------------------------------------------------------------------------------
 
 pub(super) const GRAPH_INITIALIZER: u64 = 5;
-const GRAPH_OUTPUT: u64 = 12;
+pub(super) const GRAPH_INPUT: u64 = 11;
+pub(super) const GRAPH_OUTPUT: u64 = 12;
+pub(super) const GRAPH_VALUE_INFO: u64 = 13;
+pub(super) const NODE_NAME: u64 = 3;
+pub(super) const NODE_ATTRIBUTE: u64 = 5;
 pub(super) const NODE_INPUT: u64 = 1;
 pub(super) const NODE_OUTPUT: u64 = 2;
 pub(super) const TENSOR_NAME: u64 = 8;
@@ -209,7 +213,7 @@ pub(super) fn strings(fields: &[Field], number: u64) -> Vec<String> {
         .collect()
 }
 
-fn int64_tensor(name: &str, values: &[i64]) -> Vec<u8> {
+pub(super) fn int64_tensor(name: &str, values: &[i64]) -> Vec<u8> {
     let mut t = Vec::new();
     put_varint_field(&mut t, 1, values.len() as u64); // dims
     put_varint_field(&mut t, 2, 7); // data_type INT64
@@ -222,7 +226,7 @@ fn int64_tensor(name: &str, values: &[i64]) -> Vec<u8> {
     t
 }
 
-fn node(op: &str, inputs: &[&str], outputs: &[&str], name: &str) -> Vec<u8> {
+pub(super) fn node(op: &str, inputs: &[&str], outputs: &[&str], name: &str) -> Vec<u8> {
     let mut n = Vec::new();
     for i in inputs {
         put_bytes(&mut n, NODE_INPUT, i.as_bytes());
@@ -323,105 +327,10 @@ impl ModelParts {
     pub fn graph_message(&self, i: usize) -> Option<Vec<Field>> {
         parse_fields(&self.graph[i].1).and_then(|f| f.into_iter().next()).and_then(|f| parse_fields(&f.payload))
     }
-
-    /// Names of the graph's initializers.
-    pub fn initializer_names(&self) -> std::collections::HashSet<String> {
-        let mut names = std::collections::HashSet::new();
-        for i in 0..self.graph.len() {
-            if self.graph[i].0 == GRAPH_INITIALIZER
-                && let Some(fs) = self.graph_message(i)
-            {
-                names.extend(strings(&fs, TENSOR_NAME));
-            }
-        }
-        names
-    }
-}
-
-/// A decoder graph whose LM head sees only the last position: its `logits` come out as
-/// `[batch, 1, vocab]`, equal to the last row of the original's. Returns the rewritten
-/// model (initializers stored inline in `path` become external references into `path`,
-/// so nothing large is copied) or `None` when the graph does not end in a position-wise
-/// matrix product (`MatMul`/`MatMulNBits` with a constant weight).
-pub fn slice_lm_head(path: &Path) -> Result<Option<Vec<u8>>> {
-    let Some(mut parts) = ModelParts::read(path)? else { return Ok(None) };
-    let constants = parts.initializer_names();
-    let graph = &mut parts.graph;
-    // The node that produces `logits`.
-    let mut target = None;
-    for (i, (n, enc)) in graph.iter().enumerate() {
-        if *n != GRAPH_NODE {
-            continue;
-        }
-        let Some(node_fields) =
-            parse_fields(enc).and_then(|f| f.into_iter().next()).and_then(|f| parse_fields(&f.payload))
-        else {
-            continue;
-        };
-        if strings(&node_fields, NODE_OUTPUT).iter().any(|o| o == "logits") {
-            target = Some((i, node_fields));
-            break;
-        }
-    }
-    let Some((index, node_fields)) = target else { return Ok(None) };
-    let op = strings(&node_fields, NODE_OP_TYPE).pop().unwrap_or_default();
-    let inputs = strings(&node_fields, NODE_INPUT);
-    if !matches!(op.as_str(), "MatMul" | "MatMulNBits") || inputs.len() < 2 || !constants.contains(&inputs[1]) {
-        return Ok(None);
-    }
-    // The head's input becomes the last position of its original input.
-    let sliced = "lfm_last_position_hidden";
-    let mut new_node = Vec::new();
-    let mut first_input = true;
-    for f in &node_fields {
-        if f.number == NODE_INPUT && first_input {
-            put_bytes(&mut new_node, NODE_INPUT, sliced.as_bytes());
-            first_input = false;
-        } else {
-            new_node.extend_from_slice(&f.encoded);
-        }
-    }
-    let mut enc = Vec::new();
-    put_bytes(&mut enc, GRAPH_NODE, &new_node);
-    graph[index].1 = enc;
-    let slice = node(
-        "Slice",
-        &[&inputs[0], "lfm_slice_starts", "lfm_slice_ends", "lfm_slice_axes"],
-        &[sliced],
-        "lfm_slice_last_position",
-    );
-    let mut slice_enc = Vec::new();
-    put_bytes(&mut slice_enc, GRAPH_NODE, &slice);
-    graph.insert(index, (GRAPH_NODE, slice_enc));
-    for (name, v) in [("lfm_slice_starts", -1i64), ("lfm_slice_ends", i64::MAX), ("lfm_slice_axes", 1)] {
-        let mut e = Vec::new();
-        put_bytes(&mut e, GRAPH_INITIALIZER, &int64_tensor(name, &[v]));
-        graph.push((GRAPH_INITIALIZER, e));
-    }
-
-    // Declare the new logits shape: one position.
-    for (n, enc) in graph.iter_mut() {
-        if *n != GRAPH_OUTPUT {
-            continue;
-        }
-        let Some(vi) = parse_fields(enc).and_then(|f| f.into_iter().next()).and_then(|f| parse_fields(&f.payload))
-        else {
-            continue;
-        };
-        if strings(&vi, 1).first().map(String::as_str) != Some("logits") {
-            continue;
-        }
-        let Some(rewritten) = one_position_value_info(&vi) else { return Ok(None) };
-        let mut e = Vec::new();
-        put_bytes(&mut e, GRAPH_OUTPUT, &rewritten);
-        *enc = e;
-    }
-
-    Ok(Some(parts.encode()))
 }
 
 /// A `ValueInfoProto` (fields given) whose tensor shape has dimension 1 set to 1.
-fn one_position_value_info(vi: &[Field]) -> Option<Vec<u8>> {
+pub(super) fn one_position_value_info(vi: &[Field]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     for f in vi {
         if f.number != 2 {
@@ -554,18 +463,5 @@ mod tests {
         assert!(gqa.iter().all(|n| n.domain == "com.microsoft"));
         assert_eq!(gqa[0].inputs[3], "past_key_values.2.key");
         assert_eq!(gqa[0].outputs[1], "present.2.key");
-    }
-
-    #[test]
-    fn slices_the_lm_head_of_decoders_only() {
-        let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
-        for m in ["tiny16", "tiny6", "tiny16-gqa"] {
-            let path = models.join(m).join("onnx/decoder_model_merged.onnx");
-            let bytes = slice_lm_head(&path).unwrap().unwrap();
-            // Mostly graph structure: the initializers' bytes stay in the original file.
-            let size = std::fs::metadata(&path).unwrap().len() as usize;
-            assert!(bytes.len() < size / 5, "{m}: {} of {size} bytes", bytes.len());
-        }
-        assert!(slice_lm_head(&models.join("tiny16/onnx/embed_tokens.onnx")).unwrap().is_none());
     }
 }
