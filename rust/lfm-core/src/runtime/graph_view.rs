@@ -8,6 +8,7 @@ use super::onnx_proto::{
     NODE_INPUT, NODE_NAME, NODE_OP_TYPE, NODE_OUTPUT, TENSOR_NAME, parse_fields, strings,
 };
 
+/// One operator of the graph.
 pub(super) struct Node {
     /// Index of its field in `ModelParts::graph`.
     pub(super) field: usize,

@@ -19,7 +19,7 @@ use crate::error::Result;
 
 use super::graph_view::{View, message};
 use super::onnx_proto::{
-    GRAPH_INITIALIZER, GRAPH_INPUT, GRAPH_NODE, GRAPH_OUTPUT, GRAPH_VALUE_INFO, ModelParts, NODE_INPUT, NODE_OUTPUT,
+    GRAPH_INITIALIZER, GRAPH_NODE, GRAPH_OUTPUT, GRAPH_VALUE_INFO, ModelParts, NODE_INPUT, NODE_OUTPUT,
     int64_tensor, node, one_position_value_info, put_bytes, strings,
 };
 
@@ -38,7 +38,7 @@ const SLICE_AXES: &str = "lfm_slice_axes";
 pub fn slice_to_last_position(path: &Path) -> Result<Option<(Vec<u8>, usize)>> {
     let Some(mut parts) = ModelParts::read(path)? else { return Ok(None) };
     let view = View::new(&parts);
-    let constants = constants(&view, &parts);
+    let constants = constants(&view);
     let Some(&head) = view.producer.get("logits") else { return Ok(None) };
     // Nothing inside the graph may read the full-length logits.
     if !position_wise(&view, head, &constants) || view.consumers.contains_key("logits") {
@@ -160,14 +160,10 @@ fn tail_from(view: &View, head: usize, constants: &HashSet<String>) -> HashSet<u
 
 /// Values known without running the graph: initializers, `Constant` outputs, and outputs
 /// of operators whose inputs are all constant (the exporter's `Identity` of a weight).
-fn constants(view: &View, parts: &ModelParts) -> HashSet<String> {
+fn constants(view: &View) -> HashSet<String> {
     // An initializer that is also a graph input is a default the caller may override.
-    let graph_inputs: HashSet<String> = (0..parts.graph.len())
-        .filter(|&i| parts.graph[i].0 == GRAPH_INPUT)
-        .filter_map(|i| parts.graph_message(i))
-        .flat_map(|vi| strings(&vi, 1))
-        .collect();
-    let mut known: HashSet<String> = view.initializers.keys().filter(|k| !graph_inputs.contains(*k)).cloned().collect();
+    let mut known: HashSet<String> =
+        view.initializers.keys().filter(|k| !view.input_types.contains_key(*k)).cloned().collect();
     loop {
         let before = known.len();
         for n in &view.nodes {
