@@ -19,8 +19,8 @@ use crate::error::Result;
 
 use super::graph_view::{View, message};
 use super::onnx_proto::{
-    GRAPH_INITIALIZER, GRAPH_NODE, GRAPH_OUTPUT, GRAPH_VALUE_INFO, ModelParts, NODE_INPUT, NODE_OUTPUT,
-    int64_tensor, node, one_position_value_info, put_bytes, strings,
+    GRAPH_INITIALIZER, GRAPH_NODE, GRAPH_OUTPUT, GRAPH_VALUE_INFO, ModelParts, NODE_INPUT, NODE_OUTPUT, int64_tensor,
+    node, one_position_value_info, put_bytes, strings,
 };
 
 const CONTRIB: &str = "com.microsoft";
