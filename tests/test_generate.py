@@ -6,7 +6,9 @@ layouts. Goldens: scripts/make_fixtures.py."""
 from __future__ import annotations
 
 import io
+import shutil
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import lfm
@@ -187,3 +189,22 @@ def test_graph_rewrites_change_nothing(switch: str, tolerance: float, model: str
     diff = max(abs(x - y) for x, y in zip(a[0], b[0]))
     print(f"{model} {switch}: max |logit difference| {diff:.3g}")
     assert diff <= tolerance * max(1.0, max(map(abs, b[0])))
+
+
+def test_tail_stops_at_values_needed_elsewhere(tmp_path: Path) -> None:
+    """A value the graph also returns keeps every position: with the last layer's output
+    made a graph output, only the final norm and the LM head run on the last position."""
+    onnx = pytest.importorskip("onnx")
+    shutil.copytree(MODELS / "tiny16-gqa", tmp_path / "m")
+    path = tmp_path / "m" / "onnx" / "decoder_model_merged.onnx"
+    m = onnx.load(path)
+    # The exporter's final norm starts with this Cast; its input is the last layer's output.
+    norm_in = next(n for n in m.graph.node if n.output[0] == "/embedding_norm/Cast_output_0").input[0]
+    m.graph.output.append(onnx.helper.make_tensor_value_info(norm_in, onnx.TensorProto.FLOAT, None))
+    onnx.save(m, path)
+    opts = lfm.EngineOptions(intra_threads=1, providers=PROVIDERS)
+    e, base = lfm.Engine.from_dir(tmp_path / "m", opts), lfm.Engine.from_dir(MODELS / "tiny16-gqa", opts)
+    # Final norm (10 operators as exported, its weight's Identity included) and the head.
+    assert (e.spec["last_position_ops"], base.spec["last_position_ops"]) == (11, 30)
+    prompt = "Tell me a story about a cat. " * 10
+    assert np.array_equal(e.next_token_logits(prompt), base.next_token_logits(prompt))
