@@ -26,6 +26,8 @@ min_new_tokens does). Systems, each in its own subprocess (so peak RSS is per sy
   preproc-lfm / preproc-hf   lfm.preproc.Preprocessor().preprocess vs transformers'
                      Lfm2VlImageProcessor on the same images (decoded arrays / PIL images; and
                      from the file, decode included); median of 3 per image, mean over images
+  lfm-q8        (1q) lfm one at a time with variant="q8" (the int8 decoder and vision graphs of
+                     make_bench_model.py --int8); only when named in --systems
 
 Every system first runs one warm-up request on another image (lfm-batch: two at once, so the
 one-time check of the first batched step is not in the job). Measured per system:
@@ -74,18 +76,21 @@ WARMUP_SIZE = (320, 240)
 SINGLE_TILE_KW = dict(min_image_tokens=64, max_image_tokens=64, min_tiles=1, max_tiles=1, use_thumbnail=False)
 GRAPHS = ["vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx"]
 
-# name: (interpreter, worker, budget, label)
+# name: (interpreter, worker, budget, label, variant of lfm's graphs)
 SYSTEMS = {
-    "preproc-lfm": ("dev", "preproc-lfm", None, "lfm.preproc.Preprocessor"),
-    "preproc-hf": ("ref", "preproc-hf", None, "transformers Lfm2VlImageProcessor"),
-    "lfm": ("dev", "lfm-b1", "default", "(1) lfm, one at a time"),
-    "lfm-batch": ("dev", "lfm-batch", "default", "(2) lfm, batched"),
-    "plain": ("ref", "plain", "default", "(3) plain ORT loop (model card)"),
-    "hf": ("ref", "hf", "default", "(4) transformers"),
-    "lfm-single": ("dev", "lfm-b1", "single", "(1b) lfm, one at a time, single_tile()"),
-    "lfm-batch-single": ("dev", "lfm-batch", "single", "(2b) lfm, batched, single_tile()"),
-    "plain-single": ("ref", "plain", "single", "(3b) plain ORT loop, single tile"),
-    "hf-single": ("ref", "hf", "single", "(4b) transformers, single tile"),
+    "preproc-lfm": ("dev", "preproc-lfm", None, "lfm.preproc.Preprocessor", "fp32"),
+    "preproc-hf": ("ref", "preproc-hf", None, "transformers Lfm2VlImageProcessor", "fp32"),
+    "lfm": ("dev", "lfm-b1", "default", "(1) lfm, one at a time", "fp32"),
+    "lfm-batch": ("dev", "lfm-batch", "default", "(2) lfm, batched", "fp32"),
+    "plain": ("ref", "plain", "default", "(3) plain ORT loop (model card)", "fp32"),
+    "hf": ("ref", "hf", "default", "(4) transformers", "fp32"),
+    "lfm-single": ("dev", "lfm-b1", "single", "(1b) lfm, one at a time, single_tile()", "fp32"),
+    "lfm-batch-single": ("dev", "lfm-batch", "single", "(2b) lfm, batched, single_tile()", "fp32"),
+    "plain-single": ("ref", "plain", "single", "(3b) plain ORT loop, single tile", "fp32"),
+    "hf-single": ("ref", "hf", "single", "(4b) transformers, single tile", "fp32"),
+    # Not part of the default run: the int8 graphs (`make_bench_model.py --int8`), for the
+    # speed a user gets from `variant="q8"`; their token ids differ from the fp32 systems'.
+    "lfm-q8": ("dev", "lfm-b1", "default", "(1q) lfm, one at a time, variant='q8'", "q8"),
 }
 
 
@@ -212,7 +217,8 @@ def worker_lfm(job: dict, batched: bool) -> dict:
     t0 = _now()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        eopts = lfm.EngineOptions(intra_threads=job["threads"], image_budget=budget, max_batch_size=8)
+        eopts = lfm.EngineOptions(intra_threads=job["threads"], image_budget=budget, max_batch_size=8,
+                                  variant=job["variant"])
         try:  # the bench model's synthetic tokenizer is not the real one lfm bundles
             engine = lfm.Engine.from_dir(job["model_dir"], eopts, strict=False)
         except TypeError:  # an lfm without the strict check
@@ -519,9 +525,10 @@ def run_worker(args) -> None:
 
 
 def run_system(name: str, args, files, warm, tmp) -> dict:
-    venv, worker, budget, _label = SYSTEMS[name]
+    venv, worker, budget, _label, variant = SYSTEMS[name]
     py = sys.executable if venv == "dev" else args.ref_python
-    job = {"worker": worker, "budget": budget, "model_dir": args.model_dir, "files": files, "warmup": warm,
+    job = {"worker": worker, "budget": budget, "variant": variant, "model_dir": args.model_dir, "files": files,
+           "warmup": warm,
            "new_tokens": args.new_tokens, "threads": args.threads, "repeats": 3,
            "max_foreign": args.max_foreign, "max_retries": args.max_retries, "max_wait": args.max_wait}
     per_request = worker in ("lfm-b1", "plain", "hf")  # these redo contaminated requests themselves
@@ -742,7 +749,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of: {', '.join(SYSTEMS)}")
+    default_systems = ",".join(k for k in SYSTEMS if k != "lfm-q8")
+    ap.add_argument("--systems", default=default_systems, help=f"comma-separated subset of: {', '.join(SYSTEMS)}")
     ap.add_argument("--ref-python", default="/work/venvs/ref/bin/python",
                     help="interpreter with torch, transformers and onnxruntime (plain loop, transformers)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "throughput.md"))
