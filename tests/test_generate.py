@@ -207,4 +207,6 @@ def test_tail_stops_at_values_needed_elsewhere(tmp_path: Path) -> None:
     # Final norm (10 operators as exported, its weight's Identity included) and the head.
     assert (e.spec["last_position_ops"], base.spec["last_position_ops"]) == (11, 30)
     prompt = "Tell me a story about a cat. " * 10
-    assert np.array_equal(e.next_token_logits(prompt), base.next_token_logits(prompt))
+    got, want = e.next_token_logits(prompt), base.next_token_logits(prompt)
+    # As in test_graph_rewrites_change_nothing: one row may be summed in another order.
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
