@@ -142,33 +142,36 @@ fn vertical(mid: &[u8], row_len: usize, height: usize, kernels: bool) -> Vec<u8>
     let taps = Taps::new(mid.len() / row_len, height);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = kernels;
-    // Columns `first..` of output row `y`.
-    let columns = |y: usize, first: usize, dst: &mut [u8]| {
+    // Columns `first..` of output row `y`, summed in `acc` (at least `dst.len()` long).
+    let columns = |y: usize, first: usize, dst: &mut [u8], acc: &mut [i32]| {
         let (start, w) = taps.of(y);
-        let mut acc = vec![taps.bias(); dst.len()];
+        let acc = &mut acc[..dst.len()];
+        acc.fill(taps.bias());
         for (k, &wk) in w.iter().enumerate() {
             let src = &mid[(start + k) * row_len + first..(start + k) * row_len + first + dst.len()];
             for (a, &v) in acc.iter_mut().zip(src) {
                 *a += v as i32 * wk;
             }
         }
-        for (d, &a) in dst.iter_mut().zip(&acc) {
+        for (d, &a) in dst.iter_mut().zip(acc.iter()) {
             *d = taps.round(a);
         }
     };
     let mut out = vec![0u8; height * row_len];
     par_rows(&mut out, row_len, |y0, chunk| {
+        // One accumulator row per thread, reused for every row it writes.
+        let mut acc = vec![0i32; row_len];
         for (dy, dst) in chunk.chunks_exact_mut(row_len).enumerate() {
             let y = y0 + dy;
             #[cfg(target_arch = "x86_64")]
             if kernels {
                 let (start, w) = taps.of(y);
-                let scalar = |first: usize, rest: &mut [u8]| columns(y, first, rest);
+                let scalar = |first: usize, rest: &mut [u8]| columns(y, first, rest, &mut acc);
                 // SAFETY: SSE2 is part of x86-64.
                 unsafe { resize_x86::vertical_row(mid, start, w, dst, taps.bias(), taps.precision, scalar) };
                 continue;
             }
-            columns(y, 0, dst);
+            columns(y, 0, dst, &mut acc);
         }
     });
     out
