@@ -109,6 +109,35 @@ def test_preprocess_matches_golden(case: dict[str, Any]) -> None:
         assert a == pytest.approx(entry["entry_abs_sum"], rel=1e-4, abs=0.05)
 
 
+# --- reused buffers ------------------------------------------------------------------
+
+
+def test_reused_buffers_never_show_old_values() -> None:
+    """Pixel tensors reuse the memory of freed ones (lfm_core::recycle): a live array is
+    never handed out again, and a reused one holds only the new image's values, padding
+    zeroed, whatever image used it before."""
+    p = lfm.preproc.Preprocessor()
+    small, large = grad(1024, 768), 255 - grad(1920, 1080)
+    first = p.preprocess(small).pixel_values
+    want = first.copy()
+    assert first.flags.writeable and first.flags.c_contiguous
+    kept = p.preprocess(large).pixel_values
+    assert not np.shares_memory(first, kept)
+    del kept
+    for _ in range(3):  # `first` is alive, so this reuses the large image's memory
+        again = p.preprocess(small)
+        assert not np.shares_memory(first, again.pixel_values)
+        np.testing.assert_array_equal(again.pixel_values, want)
+        padding = again.pixel_attention_mask == 0
+        assert padding.any() and not again.pixel_values[padding].any()
+        del again
+    np.testing.assert_array_equal(first, want)
+    # The array owns its memory after the Preprocessor is gone; writing to it is allowed.
+    out = lfm.preproc.Preprocessor().preprocess(small).pixel_values
+    out[0, 0, :3] = 5.0
+    np.testing.assert_array_equal(out[0, 1:], want[0, 1:])
+
+
 # --- TileGrid contract --------------------------------------------------------------
 
 

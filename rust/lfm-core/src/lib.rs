@@ -22,6 +22,7 @@ pub mod fuzzing;
 #[cfg(feature = "inference")]
 pub mod grammar;
 pub mod heap;
+pub mod recycle;
 pub mod request;
 #[cfg(feature = "inference")]
 pub mod runtime;

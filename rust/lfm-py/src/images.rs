@@ -23,8 +23,13 @@ pub fn image_source(obj: &Bound<'_, PyAny>) -> PyResult<ImageSource> {
         if shape[2] != 3 {
             return Err(PyTypeError::new_err(format!("image array must be HxWx3 uint8, got shape {shape:?}")));
         }
+        // Into a kept buffer where one is free (preprocessing gives its copies back).
         let data = match a.as_slice() {
-            Ok(s) => s.to_vec(),
+            Ok(s) => {
+                let mut data = lfm_core::recycle::take(s.len());
+                data.copy_from_slice(s);
+                data
+            }
             Err(_) => a.as_array().iter().copied().collect(),
         };
         let (h, w) = (shape[0], shape[1]);

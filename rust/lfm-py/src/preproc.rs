@@ -3,8 +3,10 @@
 use lfm_core::options::{self, EngineOptions, ImageBudget, Limits, RequestOptions};
 use lfm_core::preproc::decode::{DecodeLimits, decode as core_decode};
 use lfm_core::preproc::{self, Preprocessor, RgbImage, TileGrid};
+use lfm_core::recycle;
 use lfm_core::request::ImageSource;
-use numpy::{PyArray1, PyArrayMethods};
+use numpy::ndarray::ArrayView3;
+use numpy::{PyArray1, PyArray3, PyArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -113,14 +115,41 @@ pub fn preprocess<'py>(py: Python<'py>, image: &Bound<'py, PyAny>, budget_json: 
     let b = budget(py, budget_json)?;
     let src = image_source(image)?;
     let img = pixels(py, src, &DecodeLimits::default())?;
-    let pre = detached(py, || Preprocessor::new(b)?.preprocess(&img))?;
+    let pre = detached(py, || Preprocessor::new(b)?.preprocess(&img));
+    recycle::give(img.data);
+    let pre = pre?;
     let (n, p, d) = (pre.num_entries, pre.patches_per_entry, pre.patch_dim);
     Ok((
-        PyArray1::from_vec(py, pre.pixel_values).reshape([n, p, d])?.into_any(),
+        recycled_array(py, pre.pixel_values, (n, p, d))?,
         PyArray1::from_vec(py, pre.pixel_attention_mask).reshape([n, p])?.into_any(),
         PyArray1::from_vec(py, pre.spatial_shapes).reshape([n, 2])?.into_any(),
         grid_tuple(&pre.grid),
     ))
+}
+
+/// Owns a preprocessing buffer while a numpy array (its `base`) uses it, then gives it back
+/// to `lfm_core::recycle`: the next image's tensor reuses its mapped pages instead of
+/// faulting in fresh ones.
+#[pyclass(frozen, module = "lfm._lfm")]
+pub struct RecycledBuffer {
+    data: Vec<f32>,
+}
+
+impl Drop for RecycledBuffer {
+    fn drop(&mut self) {
+        recycle::give(std::mem::take(&mut self.data));
+    }
+}
+
+/// `data` as a writeable float32 array of `shape` whose memory goes back to the pool when
+/// the array is freed.
+fn recycled_array<'py>(py: Python<'py>, data: Vec<f32>, shape: (usize, usize, usize)) -> PyResult<Bound<'py, PyAny>> {
+    let owner = Bound::new(py, RecycledBuffer { data })?;
+    let view = ArrayView3::from_shape(shape, owner.get().data.as_slice())
+        .map_err(|e| PyValueError::new_err(format!("pixel tensor shape {shape:?}: {e}")))?;
+    // SAFETY: the array keeps `owner` alive as its base, and `owner` never moves, resizes or
+    // reads its buffer before it is freed, after the array.
+    Ok(unsafe { PyArray3::borrow_from_array(&view, owner.clone().into_any()) }.into_any())
 }
 
 /// Renders messages (JSON) with a chat template (the bundled one when `template` is None).

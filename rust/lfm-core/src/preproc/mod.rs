@@ -4,13 +4,13 @@
 pub mod decode;
 #[cfg(feature = "decoders")]
 mod jpeg;
+#[cfg(target_arch = "x86_64")]
+mod kernels_x86;
 mod parallel;
 pub mod pixels;
 pub mod placeholder;
 pub mod plan;
 pub mod resize;
-#[cfg(target_arch = "x86_64")]
-mod resize_x86;
 mod target_ratios;
 
 pub use pixels::PreprocessedImage;

@@ -2,12 +2,15 @@
 //! tiles row-major, add the thumbnail, flatten 16x16 patches as (dy, dx, channel), and
 //! normalise to [-1, 1].
 
+use std::sync::{Mutex, PoisonError};
+
 use crate::error::Result;
+use crate::recycle;
 
 use super::RgbImage;
-use super::parallel::par_items;
+use super::parallel::work_threads;
 use super::plan::{Geometry, TileGrid};
-use super::resize::resize;
+use super::resize::{Kernels, Resizer, Scratch, kernels};
 
 /// Model-ready tensors for one image.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +39,22 @@ fn normalise_table() -> [f32; 256] {
     std::array::from_fn(|b| normalise(b as u8))
 }
 
+/// `out[i] = normalise(src[i])`, by AVX2 where `avx2` says the CPU has it.
+#[inline]
+fn normalise_into(out: &mut [f32], src: &[u8], table: &[f32; 256], avx2: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: `avx2` is true only where `kernels()` found AVX2.
+        unsafe { super::kernels_x86::normalise(out, src) };
+        return;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = avx2;
+    for (o, &b) in out.iter_mut().zip(src) {
+        *o = table[b as usize];
+    }
+}
+
 /// How entries are padded to a common number of patches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Padding {
@@ -52,67 +71,123 @@ pub fn preprocess_with_grid(image: &RgbImage, grid: &TileGrid) -> Result<Preproc
     preprocess_padded(image, grid, Padding::PerAxis)
 }
 
+/// Patch rows per unit of work: small enough to share an image between cores and to keep
+/// a band's horizontal-pass rows in cache, large enough that the rows a band's vertical
+/// taps share with the next (computed by both) stay a few percent.
+const BAND_PATCH_ROWS: usize = 4;
+
+/// Output values below which one thread does the whole image (threads cost ~0.1 ms).
+const PARALLEL_FROM: usize = 1 << 18;
+
+/// One entry's rectangle of a resized image: `x0, y0` and `h x w` pixels.
+#[derive(Clone, Copy)]
+struct Entry {
+    /// 0: the tile canvas, 1: the thumbnail.
+    source: usize,
+    x0: usize,
+    y0: usize,
+    h: usize,
+    w: usize,
+}
+
+/// A unit of work with the output values it alone writes.
+enum Work<'o> {
+    /// Patch rows `first_row..` of `entry` (as many as `out` holds).
+    Band { entry: Entry, first_row: usize, out: &'o mut [f32] },
+    /// Padding patches.
+    Zeros(&'o mut [f32]),
+}
+
 /// [`preprocess_with_grid`] with a choice of padding.
 pub fn preprocess_padded(image: &RgbImage, grid: &TileGrid, padding: Padding) -> Result<PreprocessedImage> {
     let g = Geometry::LFM2_VL;
     let p = g.patch_size;
     let patch_dim = p * p * 3;
 
-    // Entries as (source image, x0, y0, h, w): crops of the resized canvas, then the thumbnail.
+    // Entries are crops of the resized canvas, then the thumbnail.
     let (th, tw) = grid.tile;
-    let canvas = resize(image, grid.cols * tw, grid.rows * th);
-    let thumb = grid.thumbnail.map(|(h, w)| resize(image, w, h));
-    let mut entries: Vec<(&RgbImage, usize, usize, usize, usize)> = Vec::with_capacity(grid.num_entries());
+    let sources: Vec<Resizer<'_>> = std::iter::once(Resizer::new(image, grid.cols * tw, grid.rows * th))
+        .chain(grid.thumbnail.map(|(h, w)| Resizer::new(image, w, h)))
+        .collect();
+    let mut entries = Vec::with_capacity(grid.num_entries());
     for r in 0..grid.rows {
         for c in 0..grid.cols {
-            entries.push((&canvas, c * tw, r * th, th, tw));
+            entries.push(Entry { source: 0, x0: c * tw, y0: r * th, h: th, w: tw });
         }
     }
-    if let (Some(t), Some((h, w))) = (thumb.as_ref(), grid.thumbnail) {
-        entries.push((t, 0, 0, h, w));
+    if let Some((h, w)) = grid.thumbnail {
+        entries.push(Entry { source: 1, x0: 0, y0: 0, h, w });
     }
 
     let per_entry = match padding {
         Padding::PerAxis => {
-            let max_hp = entries.iter().map(|e| e.3 / p).max().unwrap_or(0);
-            let max_wp = entries.iter().map(|e| e.4 / p).max().unwrap_or(0);
+            let max_hp = entries.iter().map(|e| e.h / p).max().unwrap_or(0);
+            let max_wp = entries.iter().map(|e| e.w / p).max().unwrap_or(0);
             max_hp * max_wp
         }
-        Padding::Tight => entries.iter().map(|e| (e.3 / p) * (e.4 / p)).max().unwrap_or(0),
+        Padding::Tight => entries.iter().map(|e| (e.h / p) * (e.w / p)).max().unwrap_or(0),
     };
     let n = entries.len();
     let mut mask = vec![0i64; n * per_entry];
     let mut shapes = Vec::with_capacity(n * 2);
-    for (e, &(_, _, _, h, w)) in entries.iter().enumerate() {
-        shapes.extend([(h / p) as i64, (w / p) as i64]);
-        mask[e * per_entry..e * per_entry + (h / p) * (w / p)].fill(1);
+    for (e, entry) in entries.iter().enumerate() {
+        shapes.extend([(entry.h / p) as i64, (entry.w / p) as i64]);
+        mask[e * per_entry..e * per_entry + (entry.h / p) * (entry.w / p)].fill(1);
     }
 
-    // Zero-filled by the allocator, so padding needs no writes; entries are written in
-    // parallel, each touching only its own pages.
-    let mut pixel_values = vec![0f32; n * per_entry * patch_dim];
-    crate::heap::prefer_huge_pages(&mut pixel_values);
-    let table = normalise_table();
-    let entry_len = per_entry * patch_dim;
-    par_items(&mut pixel_values, entry_len, 1 << 18, |first, run| {
-        for (k, out) in run.chunks_exact_mut(entry_len).enumerate() {
-            let (src, x0, y0, h, w) = entries[first + k];
-            let (hp, wp) = (h / p, w / p);
-            let stride = src.width as usize * 3;
-            for py in 0..hp {
-                for px in 0..wp {
-                    let base = (py * wp + px) * patch_dim;
-                    for dy in 0..p {
-                        let row = (y0 + py * p + dy) * stride + (x0 + px * p) * 3;
-                        let out = &mut out[base + dy * p * 3..base + (dy + 1) * p * 3];
-                        for (o, &b) in out.iter_mut().zip(&src.data[row..row + p * 3]) {
-                            *o = table[b as usize];
-                        }
-                    }
-                }
-            }
+    // Every value is written below (real patches by their band, padding by `Zeros`), so a
+    // kept buffer's old contents never show.
+    let mut pixel_values: Vec<f32> = recycle::take(n * per_entry * patch_dim);
+    let parallel = pixel_values.len() >= PARALLEL_FROM;
+    let mut work = Vec::new();
+    for (entry, mut out) in entries.iter().zip(pixel_values.chunks_exact_mut(per_entry * patch_dim)) {
+        let (hp, wp) = (entry.h / p, entry.w / p);
+        for first_row in (0..hp).step_by(BAND_PATCH_ROWS) {
+            let rows = BAND_PATCH_ROWS.min(hp - first_row);
+            let (band, rest) = out.split_at_mut(rows * wp * patch_dim);
+            work.push(Work::Band { entry: *entry, first_row, out: band });
+            out = rest;
         }
-    });
+        if !out.is_empty() {
+            work.push(Work::Zeros(out));
+        }
+    }
+    let table = normalise_table();
+    let avx2 = kernels() == Kernels::Avx2;
+    let run = |work: Work<'_>, scratch: &mut Scratch| match work {
+        Work::Zeros(out) => out.fill(0.0),
+        Work::Band { entry, first_row, out } => {
+            let wp = entry.w / p;
+            let y0 = entry.y0 + first_row * p;
+            let rows = y0..y0 + out.len() / (wp * patch_dim) * p;
+            sources[entry.source].rows(rows, entry.x0..entry.x0 + entry.w, scratch, |y, bytes| {
+                // Row `dy` of each patch in this band's patch row `py`.
+                let (py, dy) = ((y - y0) / p, (y - y0) % p);
+                for (px, src) in bytes.chunks_exact(p * 3).enumerate() {
+                    let at = (py * wp + px) * patch_dim + dy * p * 3;
+                    normalise_into(&mut out[at..at + p * 3], src, &table, avx2);
+                }
+            });
+        }
+    };
+    let threads = if parallel { work_threads(work.len()) } else { 1 };
+    if threads == 1 {
+        let mut scratch = Scratch::default();
+        work.into_iter().for_each(|w| run(w, &mut scratch));
+    } else {
+        // Bands go to whichever thread is free: entries differ in size.
+        let queue = Mutex::new(work.into_iter());
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    let mut scratch = Scratch::default();
+                    while let Some(w) = { queue.lock().unwrap_or_else(PoisonError::into_inner).next() } {
+                        run(w, &mut scratch);
+                    }
+                });
+            }
+        });
+    }
     Ok(PreprocessedImage {
         pixel_values,
         pixel_attention_mask: mask,

@@ -7,10 +7,11 @@
 //! Exactness matters: one level of difference on a few percent of pixels moves the vision
 //! features by ~1e-2, far above the logits tolerance the engine is held to.
 
+use std::ops::Range;
+
 use super::RgbImage;
-use super::parallel::par_items;
 #[cfg(target_arch = "x86_64")]
-use super::resize_x86;
+use super::kernels_x86;
 
 /// Integer filter taps of one axis.
 struct Taps {
@@ -88,68 +89,160 @@ impl Taps {
     fn bias(&self) -> i32 {
         if self.precision > 0 { 1 << (self.precision - 1) } else { 0 }
     }
-}
 
-/// Rows of an output image: in parallel from 256 KiB on, and from 64 rows.
-fn par_rows(out: &mut [u8], row_len: usize, f: impl Fn(usize, &mut [u8]) + Sync) {
-    let min_len = (1 << 18).max(64 * row_len);
-    par_items(out, row_len, min_len, f);
-}
-
-/// Horizontal pass: every row of `src` resized to `width` pixels.
-fn horizontal(src: &RgbImage, width: usize, kernels: bool) -> Vec<u8> {
-    let (sw, sh) = (src.width as usize, src.height as usize);
-    let taps = Taps::new(sw, width);
-    let pixel = |y: usize, x: usize, px: &mut [u8]| {
-        let row = &src.data[y * sw * 3..(y + 1) * sw * 3];
-        let (start, w) = taps.of(x);
-        let mut acc = [taps.bias(); 3];
-        for (k, &wk) in w.iter().enumerate() {
-            let s = &row[(start + k) * 3..(start + k) * 3 + 3];
-            acc[0] += s[0] as i32 * wk;
-            acc[1] += s[1] as i32 * wk;
-            acc[2] += s[2] as i32 * wk;
-        }
-        px.copy_from_slice(&acc.map(|a| taps.round(a)));
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = kernels;
     #[cfg(target_arch = "x86_64")]
-    let simd = kernels.then(|| resize_x86::HorizontalTaps::new(&taps.start, &taps.weights, taps.max_len));
-    let mut out = vec![0u8; sh * width * 3];
-    par_rows(&mut out, width * 3, |y0, chunk| {
-        for (dy, dst) in chunk.chunks_exact_mut(width * 3).enumerate() {
-            let y = y0 + dy;
-            #[cfg(target_arch = "x86_64")]
-            if let Some(t) = &simd {
-                let scalar = |x: usize, px: &mut [u8]| pixel(y, x, px);
-                // SAFETY: `kernels` is true only where `resize_x86::available()` said yes.
-                unsafe {
-                    resize_x86::horizontal_row(&src.data, y * sw * 3, dst, t, taps.bias(), taps.precision, scalar)
-                };
-                continue;
-            }
-            for (x, px) in dst.chunks_exact_mut(3).enumerate() {
-                pixel(y, x, px);
-            }
-        }
-    });
-    out
+    fn rounding(&self) -> kernels_x86::Rounding {
+        kernels_x86::Rounding { bias: self.bias(), precision: self.precision }
+    }
 }
 
-/// Vertical pass: `mid` (rows of `row_len` bytes) resized to `height` rows.
-fn vertical(mid: &[u8], row_len: usize, height: usize, kernels: bool) -> Vec<u8> {
-    let taps = Taps::new(mid.len() / row_len, height);
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = kernels;
-    // Columns `first..` of output row `y`, summed in `acc` (at least `dst.len()` long).
-    let columns = |y: usize, first: usize, dst: &mut [u8], acc: &mut [i32]| {
-        let (start, w) = taps.of(y);
+/// A resize of one image, producing any rectangle of its output rows on demand: the
+/// pixel pipeline cuts tiles straight out of it, band by band, so neither the
+/// horizontal pass's rows nor the resized image are ever stored whole (their fresh
+/// pages cost more than the arithmetic).
+pub struct Resizer<'a> {
+    src: &'a RgbImage,
+    width: usize,
+    height: usize,
+    /// `None` when the width does not change.
+    horizontal: Option<Horizontal>,
+    /// `None` when the height does not change.
+    vertical: Option<Taps>,
+    kernels: Kernels,
+}
+
+/// The horizontal pass' taps, and their x86-64 layout where that kernel runs.
+struct Horizontal {
+    taps: Taps,
+    #[cfg(target_arch = "x86_64")]
+    simd: Option<kernels_x86::HorizontalTaps>,
+}
+
+/// Working memory of one thread, reused from band to band.
+#[derive(Default)]
+pub struct Scratch {
+    /// Horizontal-pass rows of the band's source rows.
+    mid: Vec<u8>,
+    /// One output row.
+    row: Vec<u8>,
+    /// The scalar vertical pass' sums.
+    acc: Vec<i32>,
+}
+
+impl<'a> Resizer<'a> {
+    /// Resizes `src` to `width x height`.
+    pub fn new(src: &'a RgbImage, width: usize, height: usize) -> Self {
+        Self::with_kernels(src, width, height, kernels())
+    }
+
+    /// [`Resizer::new`] with the given kernels (only ones [`kernels`] allows).
+    fn with_kernels(src: &'a RgbImage, width: usize, height: usize, kernels: Kernels) -> Self {
+        let (sw, sh) = (src.width as usize, src.height as usize);
+        let horizontal = (width != sw).then(|| {
+            let taps = Taps::new(sw, width);
+            #[cfg(target_arch = "x86_64")]
+            let simd = (kernels >= Kernels::Ssse3)
+                .then(|| kernels_x86::HorizontalTaps::new(&taps.start, &taps.weights, taps.max_len, kernels));
+            Horizontal {
+                taps,
+                #[cfg(target_arch = "x86_64")]
+                simd,
+            }
+        });
+        let vertical = (height != sh).then(|| Taps::new(sh, height));
+        Resizer { src, width, height, horizontal, vertical, kernels }
+    }
+
+    /// Passes output rows `rows`, cut to columns `cols`, in order to `emit(y, bytes)`
+    /// (`3 * cols.len()` bytes each). Every rectangle gets the bytes of the whole resize.
+    pub fn rows(
+        &self,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        scratch: &mut Scratch,
+        mut emit: impl FnMut(usize, &[u8]),
+    ) {
+        assert!(rows.end <= self.height && cols.end <= self.width, "rectangle outside the output");
+        let row_len = cols.len() * 3;
+        // The source rows the band reads (tap windows move down monotonically).
+        let sources = match &self.vertical {
+            Some(t) if !rows.is_empty() => {
+                t.start[rows.start]..rows.clone().map(|y| t.start[y] + t.len[y]).max().unwrap_or(0)
+            }
+            _ => rows.clone(),
+        };
+        let Scratch { mid, row, acc } = scratch;
+        let sw = self.src.width as usize;
+        let mid: &[u8] = match &self.horizontal {
+            Some(h) => {
+                mid.resize(sources.len() * row_len, 0);
+                for (y, dst) in sources.clone().zip(mid.chunks_exact_mut(row_len.max(1))) {
+                    self.horizontal_row(h, y, cols.start, dst);
+                }
+                mid
+            }
+            // Whole source rows are used as they are; a column range is copied out.
+            None if cols.len() == sw => &self.src.data[sources.start * row_len..sources.end * row_len],
+            None => {
+                mid.clear();
+                for y in sources.clone() {
+                    mid.extend_from_slice(&self.src.data[(y * sw + cols.start) * 3..(y * sw + cols.end) * 3]);
+                }
+                mid
+            }
+        };
+        for y in rows {
+            match &self.vertical {
+                Some(t) => {
+                    row.resize(row_len, 0);
+                    acc.resize(row_len, 0);
+                    let (start, w) = t.of(y);
+                    vertical_row(t, &mid[(start - sources.start) * row_len..], w, row, acc, self.kernels);
+                    emit(y, row);
+                }
+                None => emit(y, &mid[(y - sources.start) * row_len..(y - sources.start + 1) * row_len]),
+            }
+        }
+    }
+
+    /// Source row `y` resized to output columns `first..first + dst.len() / 3`.
+    fn horizontal_row(&self, h: &Horizontal, y: usize, first: usize, dst: &mut [u8]) {
+        let taps = &h.taps;
+        let sw = self.src.width as usize;
+        let row = &self.src.data[y * sw * 3..(y + 1) * sw * 3];
+        let pixel = |x: usize, px: &mut [u8]| {
+            let (start, w) = taps.of(x);
+            let mut acc = [taps.bias(); 3];
+            for (k, &wk) in w.iter().enumerate() {
+                let s = &row[(start + k) * 3..(start + k) * 3 + 3];
+                acc[0] += s[0] as i32 * wk;
+                acc[1] += s[1] as i32 * wk;
+                acc[2] += s[2] as i32 * wk;
+            }
+            px.copy_from_slice(&acc.map(|a| taps.round(a)));
+        };
+        #[cfg(target_arch = "x86_64")]
+        if let Some(t) = &h.simd {
+            // SAFETY: `simd` exists only where `kernels()` allows SSSE3.
+            unsafe { kernels_x86::horizontal_row(&self.src.data, y * sw * 3, first, dst, t, taps.rounding(), pixel) };
+            return;
+        }
+        for (x, px) in (first..).zip(dst.chunks_exact_mut(3)) {
+            pixel(x, px);
+        }
+    }
+}
+
+/// One output row of the vertical pass: `dst[j] = round(sum_k w[k] * mid[k * dst.len() + j])`;
+/// `acc` is at least `dst.len()` long.
+fn vertical_row(taps: &Taps, mid: &[u8], w: &[i32], dst: &mut [u8], acc: &mut [i32], kernels: Kernels) {
+    let row_len = dst.len();
+    // Columns `first..` summed in `acc`.
+    let mut columns = |first: usize, dst: &mut [u8]| {
         let acc = &mut acc[..dst.len()];
         acc.fill(taps.bias());
         for (k, &wk) in w.iter().enumerate() {
-            let src = &mid[(start + k) * row_len + first..(start + k) * row_len + first + dst.len()];
-            for (a, &v) in acc.iter_mut().zip(src) {
+            for (a, &v) in acc.iter_mut().zip(&mid[k * row_len + first..k * row_len + first + dst.len()]) {
                 *a += v as i32 * wk;
             }
         }
@@ -157,49 +250,48 @@ fn vertical(mid: &[u8], row_len: usize, height: usize, kernels: bool) -> Vec<u8>
             *d = taps.round(a);
         }
     };
-    let mut out = vec![0u8; height * row_len];
-    par_rows(&mut out, row_len, |y0, chunk| {
-        // One accumulator row per thread, reused for every row it writes.
-        let mut acc = vec![0i32; row_len];
-        for (dy, dst) in chunk.chunks_exact_mut(row_len).enumerate() {
-            let y = y0 + dy;
-            #[cfg(target_arch = "x86_64")]
-            if kernels {
-                let (start, w) = taps.of(y);
-                let scalar = |first: usize, rest: &mut [u8]| columns(y, first, rest, &mut acc);
-                // SAFETY: SSE2 is part of x86-64.
-                unsafe { resize_x86::vertical_row(mid, start, w, dst, taps.bias(), taps.precision, scalar) };
-                continue;
-            }
-            columns(y, 0, dst, &mut acc);
-        }
-    });
-    out
+    #[cfg(target_arch = "x86_64")]
+    if kernels >= Kernels::Ssse3 {
+        let wide = kernels == Kernels::Avx2;
+        // SAFETY: SSE2 is part of x86-64; `wide` only where `kernels()` found AVX2.
+        unsafe { kernels_x86::vertical_row(mid, w, dst, taps.rounding(), wide, columns) };
+        return;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = kernels;
+    columns(0, dst);
 }
 
-/// Whether the x86-64 kernels run (checked once per process).
-#[cfg(target_arch = "x86_64")]
-static KERNELS: std::sync::LazyLock<bool> = std::sync::LazyLock::new(resize_x86::available);
-#[cfg(not(target_arch = "x86_64"))]
-static KERNELS: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| false);
+/// Which SIMD kernels the pixel pipeline runs; each gives the scalar code's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only x86-64 has SIMD kernels
+pub(super) enum Kernels {
+    Scalar,
+    /// x86-64 with SSSE3: both resize passes four to sixteen values at a time.
+    Ssse3,
+    /// x86-64 with AVX2 too: eight horizontal pixels at a time, and normalising.
+    Avx2,
+}
+
+/// The best kernels this CPU runs (checked once per process).
+pub(super) fn kernels() -> Kernels {
+    #[cfg(target_arch = "x86_64")]
+    static KERNELS: std::sync::LazyLock<Kernels> = std::sync::LazyLock::new(kernels_x86::best);
+    #[cfg(not(target_arch = "x86_64"))]
+    static KERNELS: std::sync::LazyLock<Kernels> = std::sync::LazyLock::new(|| Kernels::Scalar);
+    *KERNELS
+}
 
 /// Resizes `src` to `width x height`.
 pub fn resize(src: &RgbImage, width: usize, height: usize) -> RgbImage {
-    resize_with(src, width, height, *KERNELS)
+    whole(&Resizer::new(src, width, height))
 }
 
-/// [`resize`] with the x86-64 kernels or without (`kernels` only where they are available).
-fn resize_with(src: &RgbImage, width: usize, height: usize, kernels: bool) -> RgbImage {
-    let (sw, sh) = (src.width as usize, src.height as usize);
-    // Horizontal pass first, as torchvision does (skipped when the width does not change).
-    let horizontal = (width != sw).then(|| horizontal(src, width, kernels));
-    let mid: &[u8] = horizontal.as_deref().unwrap_or(&src.data);
-    let data = if height != sh {
-        vertical(mid, width * 3, height, kernels)
-    } else {
-        horizontal.unwrap_or_else(|| src.data.clone())
-    };
-    RgbImage { width: width as u32, height: height as u32, data }
+/// Every output row of `r`, in one image.
+fn whole(r: &Resizer<'_>) -> RgbImage {
+    let mut data = Vec::with_capacity(r.width * r.height * 3);
+    r.rows(0..r.height, 0..r.width, &mut Scratch::default(), |_, row| data.extend_from_slice(row));
+    RgbImage { width: r.width as u32, height: r.height as u32, data }
 }
 
 #[cfg(test)]
@@ -219,9 +311,6 @@ mod tests {
     /// one to many taps, widths that leave SIMD tails, images a load can overrun.
     #[test]
     fn kernels_match_scalar() {
-        if !*KERNELS {
-            return;
-        }
         let mut seed = 0x2545_f491_u32;
         let mut next = || {
             seed ^= seed << 13;
@@ -231,12 +320,58 @@ mod tests {
         };
         let sizes = [(1, 1), (1, 7), (5, 3), (16, 16), (17, 9), (33, 64), (640, 480), (300, 400), (1920, 37)];
         let targets = [(1, 1), (2, 3), (7, 5), (15, 17), (31, 29), (64, 48), (512, 512), (416, 576), (672, 384)];
+        let levels = [Kernels::Ssse3, Kernels::Avx2].into_iter().filter(|&k| k <= kernels());
+        for level in levels {
+            for &(w, h) in &sizes {
+                let data = (0..w * h * 3).map(|_| (next() >> 24) as u8).collect();
+                let img = RgbImage { width: w as u32, height: h as u32, data };
+                for &(tw, th) in &targets {
+                    let scalar = whole(&Resizer::with_kernels(&img, tw, th, Kernels::Scalar));
+                    let simd = whole(&Resizer::with_kernels(&img, tw, th, level));
+                    assert_eq!(simd, scalar, "{level:?}: {w}x{h} -> {tw}x{th}");
+                }
+            }
+        }
+    }
+
+    /// Any rectangle of output rows, through any scratch memory, holds the whole resize's
+    /// bytes: bands that start and end anywhere, column ranges at both edges, each axis
+    /// kept, up- or downscaled.
+    #[test]
+    fn rectangles_are_crops_of_the_whole() {
+        let mut seed = 0x9e37_79b9_u32;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        let sizes = [(37, 23), (64, 64), (300, 41)];
+        let targets = [(37, 23), (37, 50), (90, 23), (20, 11), (128, 96), (16, 64)];
         for &(w, h) in &sizes {
             let data = (0..w * h * 3).map(|_| (next() >> 24) as u8).collect();
             let img = RgbImage { width: w as u32, height: h as u32, data };
             for &(tw, th) in &targets {
-                let scalar = resize_with(&img, tw, th, false);
-                assert_eq!(resize_with(&img, tw, th, true), scalar, "{w}x{h} -> {tw}x{th}");
+                let r = Resizer::new(&img, tw, th);
+                let full = whole(&r);
+                let mut scratch = Scratch::default();
+                for _ in 0..20 {
+                    let (a, b) = (next() as usize % th, next() as usize % th);
+                    let (c, d) = (next() as usize % tw, next() as usize % tw);
+                    let (rows, cols) = (a.min(b)..a.max(b) + 1, c.min(d)..c.max(d) + 1);
+                    let mut seen = rows.start;
+                    r.rows(rows.clone(), cols.clone(), &mut scratch, |y, bytes| {
+                        assert_eq!(y, seen);
+                        seen += 1;
+                        let at = (y * tw + cols.start) * 3;
+                        assert_eq!(
+                            bytes,
+                            &full.data[at..at + cols.len() * 3],
+                            "{w}x{h} -> {tw}x{th}: row {y} cols {cols:?}"
+                        );
+                    });
+                    assert_eq!(seen, rows.end);
+                }
             }
         }
     }
