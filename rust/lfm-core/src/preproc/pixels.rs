@@ -175,17 +175,20 @@ pub fn preprocess_padded(image: &RgbImage, grid: &TileGrid, padding: Padding) ->
         let mut scratch = Scratch::default();
         work.into_iter().for_each(|w| run(w, &mut scratch));
     } else {
-        // Bands go to whichever thread is free: entries differ in size.
+        // Bands go to whichever thread is free (entries differ in size); this thread is one
+        // of them.
         let queue = Mutex::new(work.into_iter());
-        std::thread::scope(|scope| {
-            for _ in 0..threads {
-                scope.spawn(|| {
-                    let mut scratch = Scratch::default();
-                    while let Some(w) = { queue.lock().unwrap_or_else(PoisonError::into_inner).next() } {
-                        run(w, &mut scratch);
-                    }
-                });
+        let worker = || {
+            let mut scratch = Scratch::default();
+            while let Some(w) = { queue.lock().unwrap_or_else(PoisonError::into_inner).next() } {
+                run(w, &mut scratch);
             }
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..threads {
+                scope.spawn(worker);
+            }
+            worker();
         });
     }
     Ok(PreprocessedImage {
