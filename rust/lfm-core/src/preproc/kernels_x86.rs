@@ -1,9 +1,10 @@
-//! x86-64 kernels for the two resize passes. They do the scalar passes' integer arithmetic
-//! (`resize.rs`): int16 weights times uint8 pixels summed in int32, here by `pmaddwd` two
-//! taps at a time, then the same rounding offset and shift, and a clamp to 0..=255 by
-//! saturating packs. Integer sums do not depend on their order, so the output is
-//! bit-identical to the scalar passes; only 4-16 values go through each instruction. The
-//! resize tests compare the two on every shape class.
+//! x86-64 kernels for the two resize passes and for normalising. The resize kernels do the
+//! scalar passes' integer arithmetic (`resize.rs`): int16 weights times uint8 pixels summed
+//! in int32, here by `pmaddwd` two taps at a time, then the same rounding offset and shift,
+//! and a clamp to 0..=255 by saturating packs. Integer sums do not depend on their order, so
+//! the output is bit-identical to the scalar passes; only 4-32 values go through each
+//! instruction (SSE2/SSSE3, or AVX2 where the CPU has it). The resize tests compare every
+//! level with the scalar code on every shape class.
 
 use std::arch::x86_64::{
     __m128i, _mm_add_epi32, _mm_cvtsi32_si128, _mm_cvtsi128_si32, _mm_loadl_epi64, _mm_loadu_si128, _mm_madd_epi16,
@@ -102,7 +103,7 @@ fn round(acc: __m128i, bias: __m128i, shift: __m128i) -> __m128i {
 /// dst.len() / 3`. Pixels whose loads would leave `src` are left to `scalar(i, dst_pixel)`.
 ///
 /// # Safety
-/// The CPU must support SSSE3 ([`available`]).
+/// The CPU must support SSSE3 ([`best`]).
 #[target_feature(enable = "ssse3")]
 pub(super) unsafe fn horizontal_row(
     src: &[u8],
