@@ -138,6 +138,22 @@ def test_reused_buffers_never_show_old_values() -> None:
     np.testing.assert_array_equal(out[0, 1:], want[0, 1:])
 
 
+def test_threads_share_a_preprocessor_and_its_buffers() -> None:
+    """Threads preprocessing at once (the GIL is released) take and return buffers of one
+    pool: each result is its own image's, whatever the interleaving."""
+    import concurrent.futures
+
+    p = lfm.preproc.Preprocessor()
+    images = [grad(640, 480), 255 - grad(1024, 768), grad(300, 400), 255 - grad(1920, 1080)]
+    want = [p.preprocess(im).pixel_values.copy() for im in images]
+
+    def work(k: int) -> bool:
+        return all(np.array_equal(p.preprocess(images[(k + r) % 4]).pixel_values, want[(k + r) % 4]) for r in range(8))
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(8)))
+
+
 # --- TileGrid contract --------------------------------------------------------------
 
 
