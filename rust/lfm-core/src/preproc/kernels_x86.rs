@@ -302,6 +302,17 @@ unsafe fn accumulate(src: &[u8], row: usize, taps: &HorizontalTaps, i: usize) ->
     acc
 }
 
+/// A vertical pass' taps two by two, as both its kernels take them: the two source rows and
+/// their int16 weights packed for `pmaddwd` (an odd last tap pairs with itself at weight
+/// zero).
+fn tap_pairs(w: &[i32]) -> impl Iterator<Item = (usize, usize, i32)> + '_ {
+    w.chunks(2).enumerate().map(|(p, pair)| {
+        let ka = 2 * p;
+        let (kb, wb) = if pair.len() == 2 { (ka + 1, pair[1]) } else { (ka, 0) };
+        (ka, kb, (wb << 16) | (pair[0] & 0xffff))
+    })
+}
+
 /// One output row of the vertical pass: `dst[j] = round(sum_k w[k] * src[k * dst.len() +
 /// j])`, 32 columns at a time with AVX2 (where `wide`), then 16; columns past
 /// the last full 16 are left to `scalar(first_column)`.
@@ -322,11 +333,8 @@ pub(super) fn vertical_row(
     let full = row_len / 16 * 16;
     for j in (done..full).step_by(16) {
         let mut acc = [zero; 4];
-        for (p, pair) in w.chunks(2).enumerate() {
-            let ka = 2 * p;
-            // An odd last tap pairs with itself at weight zero.
-            let (kb, wb) = if pair.len() == 2 { (ka + 1, pair[1]) } else { (ka, 0) };
-            let wv = _mm_set1_epi32((wb << 16) | (pair[0] & 0xffff));
+        for (ka, kb, packed) in tap_pairs(w) {
+            let wv = _mm_set1_epi32(packed);
             let (ra, rb) =
                 (&src[ka * row_len + j..ka * row_len + j + 16], &src[kb * row_len + j..kb * row_len + j + 16]);
             // SAFETY: both slices are 16 bytes long.
@@ -371,11 +379,8 @@ unsafe fn vertical_32(src: &[u8], w: &[i32], dst: &mut [u8], rounding: Rounding)
     let full = row_len / 32 * 32;
     for j in (0..full).step_by(32) {
         let mut acc = [zero; 4];
-        for (p, pair) in w.chunks(2).enumerate() {
-            let ka = 2 * p;
-            // An odd last tap pairs with itself at weight zero.
-            let (kb, wb) = if pair.len() == 2 { (ka + 1, pair[1]) } else { (ka, 0) };
-            let wv = _mm256_set1_epi32((wb << 16) | (pair[0] & 0xffff));
+        for (ka, kb, packed) in tap_pairs(w) {
+            let wv = _mm256_set1_epi32(packed);
             let (ra, rb) =
                 (&src[ka * row_len + j..ka * row_len + j + 32], &src[kb * row_len + j..kb * row_len + j + 32]);
             // SAFETY: both slices are 32 bytes long.
