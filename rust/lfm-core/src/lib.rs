@@ -1,7 +1,8 @@
 //! lfm-core: LiquidAI's LFM2.5-VL on ONNX Runtime, in pure Rust.
 //!
 //! Preprocessing ([`preproc`]), options and errors build without ONNX Runtime
-//! (`--no-default-features --features decoders`); the engine needs the `inference` feature.
+//! (`--no-default-features --features decoders`; without `decoders`, from pixel arrays only);
+//! the engine needs the `inference` feature.
 
 pub mod error;
 pub mod options;
@@ -18,6 +19,7 @@ pub mod engine;
 pub mod field_ends;
 #[cfg(feature = "inference")]
 pub mod files;
+#[cfg(feature = "decoders")]
 pub mod fuzzing;
 #[cfg(feature = "inference")]
 pub mod grammar;
