@@ -171,26 +171,21 @@ pub fn preprocess_padded(image: &RgbImage, grid: &TileGrid, padding: Padding) ->
         }
     };
     let threads = if parallel { work_threads(work.len()) } else { 1 };
-    if threads == 1 {
+    // Bands go to whichever thread is free (entries differ in size); this thread is one of
+    // them, and the only one for a small image.
+    let queue = Mutex::new(work.into_iter());
+    let worker = || {
         let mut scratch = Scratch::default();
-        work.into_iter().for_each(|w| run(w, &mut scratch));
-    } else {
-        // Bands go to whichever thread is free (entries differ in size); this thread is one
-        // of them.
-        let queue = Mutex::new(work.into_iter());
-        let worker = || {
-            let mut scratch = Scratch::default();
-            while let Some(w) = { queue.lock().unwrap_or_else(PoisonError::into_inner).next() } {
-                run(w, &mut scratch);
-            }
-        };
-        std::thread::scope(|scope| {
-            for _ in 1..threads {
-                scope.spawn(worker);
-            }
-            worker();
-        });
-    }
+        while let Some(w) = { queue.lock().unwrap_or_else(PoisonError::into_inner).next() } {
+            run(w, &mut scratch);
+        }
+    };
+    std::thread::scope(|scope| {
+        for _ in 1..threads {
+            scope.spawn(worker);
+        }
+        worker();
+    });
     Ok(PreprocessedImage {
         pixel_values,
         pixel_attention_mask: mask,
