@@ -9,7 +9,8 @@ MODEL_DIR defaults to bench-models/real (scripts/make_bench_model.py). One engin
 exactly ``--new-tokens`` new tokens, so the scheduler batches up to max_batch_size decoder
 rows. Rounds alternate between the engines (a, b, a, b, ...) after one warm-up request each;
 the figure is images/s per round. Small images keep prefill short, so decoding dominates and
-the per-step cost of a larger batch shows. Writes a markdown table to stdout and to --out
+the per-step cost of a larger batch shows. The table gives the cores other processes used
+during each round (shared machines; nothing is redone). Writes a markdown table to stdout and to --out
 (default benches/results/batch_size.md).
 """
 
@@ -25,7 +26,7 @@ import lfm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _machine import cpu_name  # noqa: E402
+from _machine import cpu_name, cpu_reading, foreign_cores  # noqa: E402
 from bench_throughput import PROMPT, make_image  # noqa: E402
 
 ROOT = os.path.dirname(HERE)
@@ -54,12 +55,15 @@ def main() -> None:
         engine.generate(PROMPT, [images[0]], {"max_new_tokens": 4})
 
     rates: dict[int, list[float]] = {b: [] for b in sizes}
+    foreign: dict[int, list[float]] = {b: [] for b in sizes}
     for _ in range(args.rounds):
         for b, engine in engines.items():
-            start = time.perf_counter()
+            before, start = cpu_reading(), time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(len(images)) as pool:
                 list(pool.map(lambda image, e=engine: e.generate(PROMPT, [image], request), images))
-            rates[b].append(len(images) / (time.perf_counter() - start))
+            wall = time.perf_counter() - start
+            rates[b].append(len(images) / wall)
+            foreign[b].append(foreign_cores(before, cpu_reading(), wall))
 
     base = sizes[0]
     lines = [
@@ -71,12 +75,14 @@ def main() -> None:
         f"- reproduce: `/work/venvs/dev/bin/python benches/bench_batch_size.py --sizes {args.sizes} "
         f"--images {args.images} --size {args.size} --new-tokens {args.new_tokens} --rounds {args.rounds}`",
         "",
-        f"| max_batch_size | images/s per round | vs {base} (mean) |",
-        "|---|---|---|",
+        f"| max_batch_size | images/s per round | vs {base} (mean) | other processes, cores per round |",
+        "|---|---|---|---|",
     ]
     mean = {b: sum(r) / len(r) for b, r in rates.items()}
     for b in sizes:
-        lines.append(f"| {b} | {', '.join(f'{r:.3f}' for r in rates[b])} | {mean[b] / mean[base]:.2f}x |")
+        per_round = ", ".join(f"{r:.3f}" for r in rates[b])
+        others = ", ".join(f"{c:.2f}" for c in foreign[b])
+        lines.append(f"| {b} | {per_round} | {mean[b] / mean[base]:.2f}x | {others} |")
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
