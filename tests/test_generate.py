@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import warnings
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,9 @@ def test_widths_are_read_from_the_graphs() -> None:
         # head) moved behind a slice of the last position (the prompt's other logits are
         # never used); matrix kernels may sum a single row in another order.
         ("LFM_NO_LOGITS_SLICE", 1e-5),
+        # The operators feeding only the last (convolution) layer run on its window of the
+        # last positions; the same rows of the same products.
+        ("LFM_NO_PREFILL_WINDOW", 1e-5),
         # The vision encoder's attention and GELU fused into ONNX Runtime's kernels
         # (different summation order, hence a float32 rounding-level tolerance).
         ("LFM_NO_VISION_FUSION", 1e-4),
@@ -171,7 +175,8 @@ def test_graph_rewrites_change_nothing(switch: str, tolerance: float, model: str
         "l = e.next_token_logits('Describe these images.', imgs)\n"
         "g = e.generate('Describe these images.', imgs, {'max_new_tokens': 12})\n"
         "s = e.spec\n"
-        "print(json.dumps([l.tolist(), list(g.token_ids), s['vision_attention'], s['last_position_ops']]))\n"
+        "print(json.dumps([l.tolist(), list(g.token_ids), s['vision_attention'], s['last_position_ops'],"
+        " s['prefill_window_ops']]))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("LFM_NO_")}
     root = str(MODELS.parents[2])
@@ -185,6 +190,9 @@ def test_graph_rewrites_change_nothing(switch: str, tolerance: float, model: str
     assert (a[2], b[2]) == ("fused", "fused" if switch != "LFM_NO_VISION_FUSION" else "as_exported")
     # The LM head, the final norm and at least the last feed-forward block (~20 operators).
     assert a[3] > 20 and (b[3] == 0) == (switch == "LFM_NO_LOGITS_SLICE")
+    # The attention layer's output projection, feed-forward block, norms and sums, and the
+    # convolution's input projection (~28 operators).
+    assert a[4] > 15 and (b[4] == 0) == (switch in ("LFM_NO_LOGITS_SLICE", "LFM_NO_PREFILL_WINDOW"))
     assert a[1] == b[1]
     diff = max(abs(x - y) for x, y in zip(a[0], b[0]))
     print(f"{model} {switch}: max |logit difference| {diff:.3g}")
@@ -209,4 +217,41 @@ def test_tail_stops_at_values_needed_elsewhere(tmp_path: Path) -> None:
     prompt = "Tell me a story about a cat. " * 10
     got, want = e.next_token_logits(prompt), base.next_token_logits(prompt)
     # As in test_graph_rewrites_change_nothing: one row may be summed in another order.
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
+
+
+def test_window_falls_back_when_the_last_layer_reads_further(tmp_path: Path, monkeypatch: Any) -> None:
+    """The prefill window assumes the last (convolution) layer reads only the last few
+    positions of its input; the check at load catches a graph where it does not (here
+    the layer's input gains its mean over the call's positions, which is not causal
+    either, so the in-place prefill check objects too) and runs every position."""
+    onnx = pytest.importorskip("onnx")
+    shutil.copytree(MODELS / "tiny16-gqa", tmp_path / "m")
+    path = tmp_path / "m" / "onnx" / "decoder_model_merged.onnx"
+    m = onnx.load(path)
+    nodes = list(m.graph.node)
+    # The last convolution block starts with a Transpose of its input projection.
+    t = max(i for i, n in enumerate(nodes) if n.op_type == "Transpose" and "in_proj" in n.input[0])
+    x = nodes[t].input[0]
+    axes = onnx.helper.make_tensor("lfm_test_axes", onnx.TensorProto.INT64, [1], [1])
+    m.graph.initializer.append(axes)
+    mean = onnx.helper.make_node("ReduceMean", [x, "lfm_test_axes"], ["lfm_test_mean"], keepdims=1)
+    add = onnx.helper.make_node("Add", [x, "lfm_test_mean"], ["lfm_test_sum"])
+    nodes[t].input[0] = "lfm_test_sum"
+    del m.graph.node[:]
+    m.graph.node.extend(nodes[:t] + [mean, add] + nodes[t:])
+    onnx.save(m, path)
+    opts = lfm.EngineOptions(intra_threads=1, providers=PROVIDERS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        e = lfm.Engine.from_dir(tmp_path / "m", opts)
+    said = [str(w.message) for w in caught if issubclass(w.category, lfm.LfmWarning)]
+    assert any(m.startswith("prompts run every position through the last layers") for m in said), said
+    assert (e.spec["prefill_window_ops"], e.spec["last_position_ops"]) == (0, 30)
+    monkeypatch.setenv("LFM_NO_PREFILL_WINDOW", "1")
+    with pytest.warns(lfm.LfmWarning, match="in-place cache"):
+        whole = lfm.Engine.from_dir(tmp_path / "m", opts)
+    assert whole.spec["prefill_window_ops"] == 0
+    prompt = "Tell me a story about a cat. " * 10
+    got, want = e.next_token_logits(prompt), whole.next_token_logits(prompt)
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))

@@ -102,11 +102,14 @@ class Engine:
         (how a prompt over 512 positions runs: ``"in_place"``, in chunks appended to one
         pre-sized cache, which a check at load found exact; ``"chunked"``, each chunk
         returning a new cache; ``"one_run"``, whole, for decoders that place positions by
-        the cache width or quantize activations per call) and
+        the cache width or quantize activations per call),
         ``vision_attention`` (``"fused"``: the float32 vision encoder's attention and GELU run
-        as ONNX Runtime's fused kernels; ``"as_exported"``) and ``last_position_ops`` (how
+        as ONNX Runtime's fused kernels; ``"as_exported"``), ``last_position_ops`` (how
         many of the decoder's operators, from the last layer's feed-forward block to the LM
-        head, run for a prompt's last position only; 0: the decoder runs as exported)."""
+        head, run for a prompt's last position only; 0: the decoder runs as exported) and
+        ``prefill_window_ops`` (how many, feeding only a last convolution layer, run for
+        the few last positions that layer reads, which a check at load found exact; 0:
+        none)."""
         spec: dict[str, Any] = self._check_process().spec()
         return spec
 

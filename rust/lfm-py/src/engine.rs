@@ -166,7 +166,9 @@ impl Stream {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<String> {
-        let mut guard = self.rx.lock().map_err(|_| PyValueError::new_err("stream used from two threads at once"))?;
+        // Never wait for the lock: its holder waits for the GIL this thread holds.
+        let mut guard =
+            self.rx.try_lock().map_err(|_| PyValueError::new_err("stream used from two threads at once"))?;
         let Some(rx) = guard.as_ref() else {
             return Err(PyStopIteration::new_err(()));
         };
@@ -331,6 +333,7 @@ impl PyEngine {
         d.set_item("prefill", prefill)?;
         d.set_item("vision_attention", if s.vision_fused { "fused" } else { "as_exported" })?;
         d.set_item("last_position_ops", s.last_position_ops)?;
+        d.set_item("prefill_window_ops", s.prefill_window_ops)?;
         Ok(d)
     }
 

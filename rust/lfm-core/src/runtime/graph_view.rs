@@ -50,6 +50,8 @@ pub(super) struct View {
     pub(super) graph_outputs: HashSet<String>,
     /// Graph input name -> element type.
     pub(super) input_types: HashMap<String, i64>,
+    /// Graph input name -> its last dimension, where the graph declares it as a number.
+    pub(super) input_last_dims: HashMap<String, i64>,
 }
 
 impl View {
@@ -62,6 +64,7 @@ impl View {
             initializers: HashMap::new(),
             graph_outputs: HashSet::new(),
             input_types: HashMap::new(),
+            input_last_dims: HashMap::new(),
         };
         for (field, (number, _)) in parts.graph.iter().enumerate() {
             let Some(fs) = parts.graph_message(field) else { continue };
@@ -104,6 +107,9 @@ impl View {
                 GRAPH_OUTPUT => v.graph_outputs.extend(strings(&fs, 1)),
                 GRAPH_INPUT => {
                     if let (Some(name), Some(ty)) = (strings(&fs, 1).pop(), elem_type(&fs)) {
+                        if let Some(dim) = last_dim(&fs) {
+                            v.input_last_dims.insert(name.clone(), dim);
+                        }
                         v.input_types.insert(name, ty);
                     }
                 }
@@ -204,6 +210,15 @@ pub(super) fn elem_type(value_info: &[Field]) -> Option<i64> {
     let ty = parse_fields(&value_info.iter().find(|f| f.number == 2)?.payload)?;
     let tensor = parse_fields(&ty.iter().find(|f| f.number == 1)?.payload)?;
     tensor.iter().find(|f| f.number == 1 && f.wire == 0).and_then(varint)
+}
+
+/// A `ValueInfoProto`'s last tensor dimension, when it is a number (not a symbol).
+fn last_dim(value_info: &[Field]) -> Option<i64> {
+    let ty = parse_fields(&value_info.iter().find(|f| f.number == 2)?.payload)?;
+    let tensor = parse_fields(&ty.iter().find(|f| f.number == 1)?.payload)?;
+    let shape = parse_fields(&tensor.iter().find(|f| f.number == 2)?.payload)?;
+    let dim = parse_fields(&shape.iter().rfind(|f| f.number == 1)?.payload)?;
+    dim.iter().find(|f| f.number == 1 && f.wire == 0).and_then(varint)
 }
 
 /// The values of a `Constant` node holding a float, double or integer tensor.

@@ -64,6 +64,9 @@ pub struct ModelSpec {
     /// How many of the decoder's operators run for the last position only
     /// (`last_position`); 0 when the graph runs as exported.
     pub last_position_ops: usize,
+    /// How many run for a window of the prompt's last positions (the operators feeding
+    /// only a last convolution layer; `last_position`); 0 without the window.
+    pub prefill_window_ops: usize,
     pub vision_float: FloatType,
     pub embeds_float: FloatType,
     /// Element types of the conv states and of the key/value caches.
@@ -250,25 +253,9 @@ impl Model {
         let vision_activation_quant = quantizes_activations(&super::onnx_proto::graph_nodes(&paths.vision_encoder)?);
         let (vision, vision_fused) = Self::load_vision(paths, config, &mut warnings, vision_activation_quant)?;
         let embed = Graph::load(&paths.embed_tokens, config, &mut warnings)?;
-        // The decoder returns logits for every position; after the prompt only the last
-        // row is used, so its position-wise tail (LM head, final norm, the last layer's
-        // feed-forward) runs behind a slice of the last position when the graph allows it.
-        let sliced = if std::env::var_os("LFM_NO_LOGITS_SLICE").is_some() {
-            None
-        } else {
-            super::last_position::slice_to_last_position(&paths.decoder)?
-        };
-        // A rewritten graph ONNX Runtime refuses falls back to the file as it is.
-        let (decoder, last_position_ops) = match sliced
-            .as_ref()
-            .map(|(b, n)| (Graph::load_with(&paths.decoder, config, &mut warnings, Some(b)), *n))
-        {
-            Some((Ok(graph), n)) => (graph, n),
-            _ => (Graph::load(&paths.decoder, config, &mut warnings)?, 0),
-        };
-        drop(sliced);
+        let (decoder, rewrite) = Self::load_decoder(paths, config, &mut warnings, true)?;
         let mut spec = Self::check_contracts(&vision, &embed, &decoder)?;
-        spec.last_position_ops = last_position_ops;
+        (spec.last_position_ops, spec.prefill_window_ops) = rewrite;
         // GroupQueryAttention takes each row's length from its mask row; anything else is
         // assumed to derive positions from the cache width.
         let nodes = super::onnx_proto::graph_nodes(&paths.decoder)?;
@@ -283,6 +270,14 @@ impl Model {
         spec.vision_activation_quant = vision_activation_quant;
         spec.vision_fused = vision_fused;
         let mut model = Model { spec, warnings, vision, embed, decoder };
+        if model.spec.prefill_window_ops > 0
+            && let Err(e) = model.check_prefill_window()
+        {
+            model.warnings.push(format!("prompts run every position through the last layers: {e}"));
+            let (decoder, rewrite) = Self::load_decoder(paths, config, &mut model.warnings, false)?;
+            model.decoder = decoder;
+            (model.spec.last_position_ops, model.spec.prefill_window_ops) = rewrite;
+        }
         if model.spec.kv_in_place && model.spec.prefill == Prefill::Chunked {
             match model.check_prefill_in_place() {
                 Ok(()) => model.spec.prefill = Prefill::InPlace,
@@ -290,6 +285,68 @@ impl Model {
             }
         }
         Ok(model)
+    }
+
+    /// The decoder, rewritten where the graph allows (`last_position`): its position-wise
+    /// tail behind a slice of the last position (the prompt's other logits are never used)
+    /// and, with `window`, the operators feeding only a last convolution layer behind a
+    /// slice of its window. A rewritten graph ONNX Runtime refuses falls back to the next
+    /// simpler one, down to the file as it is. Also returns how many operators each
+    /// rewrite moved.
+    fn load_decoder(
+        paths: &GraphPaths,
+        config: &SessionConfig,
+        warnings: &mut Vec<String>,
+        window: bool,
+    ) -> Result<(Graph, (usize, usize))> {
+        let switched_off = |name: &str| std::env::var_os(name).is_some();
+        if !switched_off("LFM_NO_LOGITS_SLICE") {
+            let window = window && !switched_off("LFM_NO_PREFILL_WINDOW");
+            for window in if window { vec![true, false] } else { vec![false] } {
+                let Some(r) = super::last_position::slice_to_last_position(&paths.decoder, window)? else { break };
+                if window && r.window_ops == 0 {
+                    continue;
+                }
+                if let Ok(graph) = Graph::load_with(&paths.decoder, config, warnings, Some(&r.bytes)) {
+                    return Ok((graph, (r.tail_ops, r.window_ops)));
+                }
+            }
+        }
+        Ok((Graph::load(&paths.decoder, config, warnings)?, (0, 0)))
+    }
+
+    /// Runs a short prompt through the decoder once, with the window of
+    /// `load_decoder` cutting it, and in pieces no longer than the window, which the cut
+    /// leaves whole, then one more position after each; fails unless the logits agree to
+    /// rounding. The window rests on the last layer reading only that many trailing
+    /// positions for its last output and its new state, which the graph rewrite assumes
+    /// but does not prove. A few small decoder runs at load.
+    fn check_prefill_window(&self) -> Result<()> {
+        let width = self.spec.conv_width.max(1);
+        let positions = 3 * width + 1;
+        let ids: Vec<u32> = (0..=positions).map(|i| ((i * 7919 + 3) % self.spec.vocab) as u32).collect();
+        let embeds = self.embed(&ids)?;
+        let (prompt, next) = embeds.split_at(positions * self.spec.hidden);
+        let mut whole = self.new_cache()?;
+        let mut want = self.run_positions(prompt.to_vec(), positions, &mut whole, Memory::Keep)?;
+        want.extend(self.run_positions(next.to_vec(), 1, &mut whole, Memory::Keep)?);
+        let mut pieces = self.new_cache()?;
+        let mut got = Vec::new();
+        for piece in prompt.chunks(width * self.spec.hidden) {
+            got = self.run_positions(piece.to_vec(), piece.len() / self.spec.hidden, &mut pieces, Memory::Keep)?;
+        }
+        got.extend(self.run_positions(next.to_vec(), 1, &mut pieces, Memory::Keep)?);
+        let diff = relative_difference(&want, &got);
+        let tolerance = if self.spec.kv_float == FloatType::F16 { 4e-3 } else { 1e-4 };
+        if diff > tolerance {
+            return Err(Error::inference(
+                "decoder",
+                format!(
+                    "a prompt's last positions alone give logits {diff:.2e} apart from the whole prompt (relative)"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Prefills a short prompt in place in chunks of a few positions and in one ordinary
@@ -434,6 +491,7 @@ impl Model {
             vision_activation_quant: false,
             vision_fused: false,
             last_position_ops: 0,
+            prefill_window_ops: 0,
             vision_float: float(&pv),
             embeds_float: float(&din),
             conv_float: conv_float.unwrap_or(FloatType::F32),
