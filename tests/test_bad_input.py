@@ -143,6 +143,25 @@ def test_grammar_that_admits_nothing() -> None:
         lfm.Grammar.json_schema({"allOf": [{"type": "string"}, {"type": "integer"}]})
 
 
+def test_stop_strings_with_a_grammar_are_refused(engine: lfm.Engine) -> None:
+    """A stop string would cut constrained output wherever it appears, so the output could
+    end incomplete yet reported as finished: the combination is refused up front."""
+    g = lfm.Grammar.json_schema({"type": "object", "properties": {"a": {"type": "string"}}})
+    with pytest.raises(lfm.InvalidOptionsError) as info:
+        engine.generate("Go.", options={"max_new_tokens": 8, "stop": ['"a"']}, grammar=g)
+    assert info.value.field == "stop"
+
+
+@pytest.mark.parametrize("rules", [3000, 20000])
+def test_deep_grammars_compile_or_fail_cleanly(engine: lfm.Engine, rules: int) -> None:
+    """A chain of thousands of rules made llguidance's compiler overflow a thread's stack
+    (a segmentation fault); grammars now compile on a thread with room for them."""
+    src = "start: r0\n" + "".join(f'r{i}: "x" r{i + 1}\n' for i in range(rules)) + f'r{rules}: "y"'
+    g = lfm.Grammar.lark(src)
+    out = engine.generate("Go.", options={"max_new_tokens": 3}, grammar=g)
+    assert out.text == "xxx"
+
+
 def test_no_panic_reaches_python() -> None:
     from lfm import _lfm
 

@@ -111,6 +111,19 @@ def test_prompt_too_long(tmp_path: Path) -> None:
     assert isinstance(info.value, ValueError)
 
 
+def test_prompt_past_the_graphs_positions_is_refused_up_front() -> None:
+    """tiny16-gqa's rotary tables cover 2,048 positions (its config says more): a request
+    that would run past them is refused before any model work, where it used to fail the
+    decoder call mid-generation, and with it every request batched beside it."""
+    e = lfm.Engine.from_dir(MODELS / "tiny16-gqa", lfm.EngineOptions(max_batch_size=4))
+    assert lfm.Limits().context_tokens > 2048
+    with pytest.raises(lfm.PromptTooLongError) as info:
+        e.generate("word " * 100, options=lfm.RequestOptions(max_new_tokens=2000))
+    assert info.value.limit == "2048"
+    out = e.generate_batch(["Hi", "word " * 100], options=lfm.RequestOptions(max_new_tokens=2000, min_new_tokens=4))
+    assert isinstance(out[0], lfm.Generation) and isinstance(out[1], lfm.PromptTooLongError)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_engine_refuses_use_after_fork(tiny16: lfm.Engine) -> None:
     r, w = os.pipe()

@@ -45,6 +45,9 @@ def test_keyword_only_and_frozen() -> None:
         (lfm.RequestOptions, {"repetition_penalty": 0.0}, "repetition_penalty"),
         (lfm.RequestOptions, {"stop": ("",)}, "stop"),
         (lfm.RequestOptions, {"timeout_s": -1.0}, "timeout_s"),
+        # Longer than the clock can add (Rust's Duration/Instant would panic).
+        (lfm.RequestOptions, {"timeout_s": 1e20}, "timeout_s"),
+        (lfm.RequestOptions, {"timeout_s": float("inf")}, "timeout_s"),
         (lfm.ImageBudget, {"max_tiles": 11}, "image_budget.max_tiles"),
         (lfm.ImageBudget, {"min_image_tokens": 0}, "image_budget.min_image_tokens"),
         (lfm.ImageBudget, {"max_image_tokens": 2000}, "image_budget.max_image_tokens"),

@@ -66,3 +66,27 @@ def test_abandoned_stream_stops(engine: lfm.Engine) -> None:
 def test_stream_errors_surface(engine: lfm.Engine) -> None:
     with pytest.raises(lfm.RequestRejectedError):
         list(engine.stream("bad <|im_end|> text"))
+
+
+def test_one_stream_read_from_two_threads_does_not_hang(engine: lfm.Engine) -> None:
+    """A stream is read from one thread; a second reader at the same moment gets a
+    ValueError instead of waiting for a lock whose holder waits for the GIL."""
+    import threading
+
+    stream = engine.stream("Hello", options=lfm.RequestOptions(max_new_tokens=64, min_new_tokens=64))
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            for _ in stream:
+                pass
+        except ValueError as e:
+            errors.append(e)
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in readers)
+    assert all("two threads" in str(e) for e in errors)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import shutil
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import lfm
@@ -96,6 +98,33 @@ def test_generate_batch_in_order_with_failures(engine: lfm.Engine) -> None:
     assert seen == [(i + 1, 5) for i in range(5)]
 
 
+@pytest.mark.parametrize("model", ["tiny16-gqa", "tiny16"])
+def test_a_sequence_failing_mid_decode_fails_alone(tmp_path: Path, model: str) -> None:
+    """One running sequence whose step fails (here: the token it chose has a NaN
+    embedding, so its logits are not finite) ends with its own error; the sequences
+    decoding beside it, batched (tiny16-gqa) or one at a time (tiny16), go on unchanged."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    msgs, o = ["Tell a story.", "Describe the sea."], opts(8)
+    base = lfm.Engine.from_dir(MODELS / model, lfm.EngineOptions(intra_threads=1))
+    a, b = (base.generate(m, options=o) for m in msgs)
+    taken = set(a.token_ids[:2]) | set(b.token_ids) | {t for m in msgs for t in base.encode_prompt(m)}
+    poisoned = a.token_ids[2]
+    assert poisoned not in taken
+    shutil.copytree(MODELS / model, tmp_path / "m")
+    path = tmp_path / "m" / "onnx" / "embed_tokens.onnx"
+    m = onnx.load(path)
+    w = numpy_helper.to_array(m.graph.initializer[0]).copy()
+    w[poisoned] = np.nan
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, m.graph.initializer[0].name))
+    onnx.save(m, path)
+    e = lfm.Engine.from_dir(tmp_path / "m", lfm.EngineOptions(intra_threads=1, max_batch_size=4))
+    out = e.generate_batch(msgs, options=o)
+    assert isinstance(out[0], lfm.InferenceError) and "finite" in str(out[0])
+    assert isinstance(out[1], lfm.Generation) and out[1].token_ids == b.token_ids
+
+
 def test_generate_batch_with_images(engine: lfm.Engine) -> None:
     imgs = [[np.zeros((40, 60, 3), np.uint8)], [], [np.full((300, 200, 3), 90, np.uint8)]]
     msgs = ["Describe.", "Hi", "Describe."]
@@ -141,6 +170,26 @@ def test_ctrl_c_during_generate(engine: lfm.Engine) -> None:
         engine.generate("Go on.", options=opts(20000, min_new_tokens=20000))
     assert time.monotonic() - t0 < 5.0
     assert len(engine.generate("Hi", options=opts(3)).token_ids) == 3
+
+
+def test_a_request_cancelled_while_queued_ends_without_model_work() -> None:
+    """With one row running, a request that waits for its turn and times out ends right
+    away, unprocessed (no prompt tokens), instead of being prefilled when its turn comes."""
+    e = lfm.Engine.from_dir(MODELS / "tiny16-gqa", lfm.EngineOptions(intra_threads=1, max_batch_size=1))
+    ended: dict[str, float] = {}
+
+    def long() -> None:
+        e.generate("Tell a long story.", options=opts(1500, min_new_tokens=1500))
+        ended["long"] = time.monotonic()
+
+    first = threading.Thread(target=long)
+    first.start()
+    time.sleep(0.2)
+    queued = e.generate("Hi", options=opts(4, timeout_s=0.2))
+    ended["queued"] = time.monotonic()
+    first.join()
+    assert queued.finish_reason == "cancelled" and queued.usage.prompt_tokens == 0
+    assert ended["queued"] < ended["long"]
 
 
 def test_async_does_not_block_the_loop(engine: lfm.Engine) -> None:

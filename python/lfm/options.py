@@ -118,7 +118,11 @@ class Limits(_Options):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RequestOptions(_Options):
-    """Decoding options of one request. ``temperature=0`` is greedy decoding."""
+    """Decoding options of one request. ``temperature=0`` is greedy decoding. ``stop``
+    strings end the output where one first appears (it is left out of the text); a request
+    with a grammar takes none, since the grammar decides where constrained output ends.
+    ``timeout_s`` (at most a year) ends the request with ``finish_reason="cancelled"``,
+    also while it waits for its turn."""
 
     _kind = "request"
     max_new_tokens: int = 512

@@ -183,7 +183,8 @@ impl Engine {
         }
         let image_tokens: usize = planned.iter().map(|p| p.grid.num_image_tokens()).sum();
         let structural: usize = planned.iter().map(|p| p.grid.num_structural_tokens()).sum();
-        let context = limits.context_tokens;
+        // The graph's own bound too: past it the decoder call fails mid-generation.
+        let context = limits.context_tokens.min(self.model.spec.max_positions.unwrap_or(usize::MAX));
         if image_tokens + structural + max_new_tokens > context {
             return Err(Error::PromptTooLong {
                 prompt_tokens: image_tokens + structural,
@@ -301,6 +302,15 @@ impl Engine {
         sink: Option<TextSink>,
     ) -> Result<(Sequence, HybridCache, Vec<f32>)> {
         opts.validate()?;
+        // A stop string would end constrained output wherever it appears, complete or not;
+        // the grammar decides where such output ends.
+        if grammar.is_some() && !opts.stop.is_empty() {
+            return Err(Error::option(
+                "stop",
+                format!("{:?}", opts.stop),
+                "no stop strings with a grammar (the grammar decides where the output ends)",
+            ));
+        }
         let constraint = grammar.map(|g| self.constraint(g)).transpose()?;
         let prepared = self.prepare(messages, images, opts.max_new_tokens)?;
         let mut timings = Timings { preprocess_s: prepared.preprocess_s, ..Timings::default() };

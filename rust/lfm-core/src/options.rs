@@ -25,6 +25,8 @@ pub const MIN_POSITIVE_TEMPERATURE: f32 = 1e-3;
 /// At most this many stop strings, each at most [`MAX_STOP_BYTES`] long.
 pub const MAX_STOP_STRINGS: usize = 64;
 pub const MAX_STOP_BYTES: usize = 1024;
+/// Upper bound on `timeout_s` (a year): longer spans overflow some platforms' clocks.
+pub const MAX_TIMEOUT_S: f64 = 365.0 * 24.0 * 3600.0;
 
 /// How many image tokens an image may become, and how it is tiled.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -262,9 +264,13 @@ impl RequestOptions {
             }
         }
         if let Some(t) = self.timeout_s
-            && !(t.is_finite() && t > 0.0)
+            && !(t > 0.0 && t <= MAX_TIMEOUT_S)
         {
-            return Err(Error::option("timeout_s", t, "a finite number of seconds above 0, or None"));
+            return Err(Error::option(
+                "timeout_s",
+                t,
+                format!("seconds above 0 and at most {MAX_TIMEOUT_S} (a year), or None"),
+            ));
         }
         Ok(())
     }

@@ -94,6 +94,20 @@ pub struct Generation {
     pub field_ends: Vec<FieldEnd>,
 }
 
+impl Generation {
+    /// A request cancelled (or timed out) before any model work: nothing generated.
+    pub fn cancelled_before_start() -> Generation {
+        Generation {
+            text: String::new(),
+            token_ids: Vec::new(),
+            finish_reason: FinishReason::Cancelled,
+            usage: Usage::default(),
+            timings: Timings::default(),
+            field_ends: Vec::new(),
+        }
+    }
+}
+
 /// A handle that stops a running request between decode steps.
 #[derive(Debug, Clone, Default)]
 pub struct Cancel {
@@ -106,9 +120,12 @@ impl Cancel {
         Cancel::default()
     }
 
-    /// Also cancels once `seconds` have passed from now.
+    /// Also cancels once `seconds` have passed from now (a span too long for the clock, or
+    /// not a positive number, sets no deadline; `RequestOptions::validate` refuses those).
     pub fn with_timeout(mut self, seconds: Option<f64>) -> Cancel {
-        self.deadline = seconds.map(|s| Instant::now() + std::time::Duration::from_secs_f64(s));
+        self.deadline = seconds
+            .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
+            .and_then(|d| Instant::now().checked_add(d));
         self
     }
 

@@ -17,6 +17,7 @@ use crate::error::{Error, Result, catch_panic};
 use crate::grammar::Grammar;
 use crate::options::{Batching, RequestOptions};
 use crate::request::{Cancel, Generation, ImageSource};
+use crate::runtime::tensor::check_finite;
 use crate::runtime::{BatchCache, BatchSemantics, HybridCache};
 use crate::sequence::{Sequence, Step, TextSink};
 
@@ -61,6 +62,8 @@ impl Scheduler {
         let (reason, counters) = (fallback_reason.clone(), stats.clone());
         std::thread::Builder::new()
             .name("lfm-scheduler".into())
+            // Grammar matchers run here too; as deep as their compile may go.
+            .stack_size(crate::grammar::COMPILE_STACK_BYTES)
             .spawn(move || Worker::new(engine, reason, counters).run(rx))
             .ok();
         Scheduler { tx, fallback_reason, stats }
@@ -118,6 +121,16 @@ impl Worker {
                 }
             }
             waiting.extend(rx.try_iter());
+            // Requests cancelled (Ctrl-C, a timeout, a dropped stream) while they waited
+            // end now, before any model work, rather than when their turn comes.
+            if waiting.iter().any(|job| job.cancel.is_cancelled()) {
+                let (cancelled, kept): (VecDeque<Job>, VecDeque<Job>) =
+                    waiting.drain(..).partition(|job| job.cancel.is_cancelled());
+                waiting = kept;
+                for job in cancelled {
+                    (job.reply)(Ok(Generation::cancelled_before_start()));
+                }
+            }
             // Admit one request per step, so running sequences keep flowing while new ones
             // are encoded and prefilled.
             if self.active.len() < max
@@ -135,6 +148,9 @@ impl Worker {
 
     fn admit(&mut self, job: Job) {
         let Job { messages, images, options, grammar, cancel, sink, reply } = job;
+        if cancel.is_cancelled() {
+            return reply(Ok(Generation::cancelled_before_start()));
+        }
         let started =
             catch_panic("prefill", || self.engine.start(&messages, images, &options, grammar.as_ref(), cancel, sink));
         let (seq, cache, logits) = match started {
@@ -209,22 +225,68 @@ impl Worker {
         self.stats.steps.fetch_add(if batched { 1 } else { next.len() }, Ordering::Relaxed);
         self.stats.rows.fetch_add(next.len(), Ordering::Relaxed);
         self.stats.max_batch.fetch_max(if batched { next.len() } else { 1 }, Ordering::Relaxed);
+        // A row whose step fails (its token embeds to non-finite values, its logits are not
+        // finite, or, one sequence at a time, its own decoder call fails) leaves alone with
+        // its error; the others go on.
+        let hidden = engine.spec().hidden;
+        let embeds: Vec<Result<Vec<f32>>> = match model.embed(&next) {
+            Ok(all) => all.chunks(hidden).map(|row| Ok(row.to_vec())).collect(),
+            Err(_) => next.iter().map(|&id| model.embed(&[id])).collect(),
+        };
+        let embeds = self.retire_failed(embeds)?;
+        if self.active.is_empty() {
+            return Ok(());
+        }
+        let rows = self.decode_rows(embeds)?;
+        let rows = rows.into_iter().map(|row| row.and_then(|l| check_finite("decoder", &l).map(|()| l))).collect();
+        let logits = self.retire_failed(rows)?;
+        for (r, l) in self.active.iter_mut().zip(logits) {
+            r.logits = l;
+        }
+        Ok(())
+    }
+
+    /// Ends the running sequences whose result failed, each with its error, and returns
+    /// the others' results in order (`results` holds one per running sequence).
+    fn retire_failed<T>(&mut self, results: Vec<Result<T>>) -> Result<Vec<T>> {
+        let mut kept = Vec::with_capacity(results.len());
+        let mut failed = Vec::new();
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(v) => kept.push(v),
+                Err(e) => failed.push((i, e)),
+            }
+        }
+        let gone: Vec<usize> = failed.iter().rev().map(|(i, _)| *i).collect();
+        match &mut self.caches {
+            Caches::Batched(b) => self.engine.model().batch_remove(b, &gone)?,
+            Caches::Single(v) => {
+                for &i in &gone {
+                    v.remove(i);
+                }
+            }
+        }
+        for (i, e) in failed.into_iter().rev() {
+            (self.active.remove(i).reply)(Err(e));
+        }
+        Ok(kept)
+    }
+
+    /// The next logits of every running sequence, given the embedding of the token each
+    /// took: an error for the whole step where the batch's call failed (its cache is then
+    /// in an unknown state), else one result per row.
+    fn decode_rows(&mut self, embeds: Vec<Vec<f32>>) -> Result<Vec<Result<Vec<f32>>>> {
+        let engine = self.engine.clone();
+        let model = engine.model();
         let hidden = engine.spec().hidden;
         match &mut self.caches {
             Caches::Single(caches) => {
-                for ((r, cache), &id) in self.active.iter_mut().zip(caches.iter_mut()).zip(&next) {
-                    let emb = model.embed(&[id])?;
-                    r.logits = model.decode(emb, 1, cache)?;
-                }
+                Ok(caches.iter_mut().zip(embeds).map(|(cache, emb)| model.decode(emb, 1, cache)).collect())
             }
             Caches::Batched(batch) => {
-                let emb = model.embed(&next)?;
+                let emb = embeds.concat();
                 if self.verified || batch.len() < 2 {
-                    let rows = model.decode_batch(emb, batch)?;
-                    for (r, l) in self.active.iter_mut().zip(rows) {
-                        r.logits = l;
-                    }
-                    return Ok(());
+                    return Ok(model.decode_batch(emb, batch)?.into_iter().map(Ok).collect());
                 }
                 // First batched step on this model: run the rows alone too and compare.
                 self.verified = true;
@@ -247,10 +309,7 @@ impl Worker {
                     .contains(&crate::runtime::tensor::FloatType::F16);
                 let tolerance = if half { 4e-3 } else { 1e-4 };
                 if worst <= tolerance {
-                    for (r, l) in self.active.iter_mut().zip(batched) {
-                        r.logits = l;
-                    }
-                    return Ok(());
+                    return Ok(batched.into_iter().map(Ok).collect());
                 }
                 if let Ok(mut slot) = self.fallback_reason.lock() {
                     *slot = Some(format!(
@@ -259,12 +318,9 @@ impl Worker {
                     ));
                 }
                 let (caches, logits): (Vec<_>, Vec<_>) = alone.into_iter().unzip();
-                for (r, l) in self.active.iter_mut().zip(logits) {
-                    r.logits = l;
-                }
                 self.caches = Caches::Single(caches);
+                Ok(logits.into_iter().map(Ok).collect())
             }
         }
-        Ok(())
     }
 }

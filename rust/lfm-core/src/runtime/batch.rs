@@ -372,7 +372,8 @@ impl Model {
     }
 
     /// One decoder step for every row: `ids[r]` is row r's new token embedding input
-    /// (`embeds` is `[rows * hidden]`). Returns each row's logits.
+    /// (`embeds` is `[rows * hidden]`). Returns each row's logits, unchecked: a row's
+    /// non-finite logits are that row's failure, for the caller to handle alone.
     pub fn decode_batch(&self, embeds: Vec<f32>, batch: &mut BatchCache) -> Result<Vec<Vec<f32>>> {
         let s = &self.spec;
         let b = batch.len();
@@ -418,9 +419,6 @@ impl Model {
             .iter()
             .map(|&slot| all[(slot + 1) * per_row - s.vocab..(slot + 1) * per_row].to_vec())
             .collect();
-        for row in &rows {
-            super::tensor::check_finite(STAGE, row)?;
-        }
         for len in &mut batch.lens {
             *len += 1;
         }

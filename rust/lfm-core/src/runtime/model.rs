@@ -1,7 +1,7 @@
 //! The three graphs of LFM2-VL as one model: contracts checked at load time, widths read
 //! from the graphs, and the hybrid (conv state / key-value) decoder cache.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use ort::session::SessionInputValue;
 use ort::value::DynValue;
@@ -67,6 +67,8 @@ pub struct ModelSpec {
     /// How many run for a window of the prompt's last positions (the operators feeding
     /// only a last convolution layer; `last_position`); 0 without the window.
     pub prefill_window_ops: usize,
+    /// Positions (prompt and generated) the decoder can take, where its graph bounds them.
+    pub max_positions: Option<usize>,
     pub vision_float: FloatType,
     pub embeds_float: FloatType,
     /// Element types of the conv states and of the key/value caches.
@@ -227,6 +229,18 @@ fn kv_in_place(layers: &[LayerKind], nodes: &[super::onnx_proto::GraphNode]) -> 
 /// Whether a graph quantizes activations with scales computed from each call's values
 /// (`DynamicQuantizeLinear` and its fused forms): its results then depend on what shares a
 /// call.
+/// How many positions the decoder's rotary tables cover, where its attention reads them
+/// from constant tables (GroupQueryAttention's `cos_cache`: a position past its rows fails
+/// the whole decoder call, every sequence batched with it included).
+fn rotary_positions(path: &Path, nodes: &[super::onnx_proto::GraphNode]) -> Result<Option<usize>> {
+    let Some(table) = nodes.iter().find(|n| n.op == "GroupQueryAttention").and_then(|n| n.inputs.get(7)) else {
+        return Ok(None);
+    };
+    let Some(parts) = super::onnx_proto::ModelParts::read(path)? else { return Ok(None) };
+    let view = super::graph_view::View::new(&parts);
+    Ok(view.initializers.get(table).and_then(|dims| dims.first()).map(|&rows| rows.max(0) as usize))
+}
+
 fn quantizes_activations(nodes: &[super::onnx_proto::GraphNode]) -> bool {
     nodes.iter().any(|n| n.op.starts_with("DynamicQuantize"))
 }
@@ -263,6 +277,7 @@ impl Model {
             spec.batching = super::batch::BatchSemantics::MaskLengths;
         }
         spec.kv_in_place = kv_in_place(&spec.layers, &nodes);
+        spec.max_positions = rotary_positions(&paths.decoder, &nodes)?;
         let decoder_activation_quant = quantizes_activations(&nodes);
         if spec.batching == super::batch::BatchSemantics::MaskLengths && !decoder_activation_quant {
             spec.prefill = Prefill::Chunked;
@@ -492,6 +507,7 @@ impl Model {
             vision_fused: false,
             last_position_ops: 0,
             prefill_window_ops: 0,
+            max_positions: None,
             vision_float: float(&pv),
             embeds_float: float(&din),
             conv_float: conv_float.unwrap_or(FloatType::F32),
