@@ -158,7 +158,8 @@ impl Worker {
             Err(e) => return reply(Err(e)),
         };
         let joined = match &mut self.caches {
-            Caches::Batched(b) => self.engine.model().batch_join(b, cache),
+            // A panic here must not end the scheduler thread (and with it the engine).
+            Caches::Batched(b) => catch_panic("batch join", || self.engine.model().batch_join(b, cache)),
             Caches::Single(v) => {
                 v.push(cache);
                 Ok(())
