@@ -132,6 +132,19 @@ pub fn check_messages(messages: &Value, limits: &Limits, specials: &[String]) ->
                 ));
             }
         }
+        // Other fields the chat template may render (tool calls' names and arguments, a
+        // tool message's name or id) may no more carry special tokens than the text.
+        for (key, value) in obj.iter().filter(|(k, _)| !matches!(k.as_str(), "role" | "content")) {
+            let mut pending = vec![value];
+            while let Some(v) = pending.pop() {
+                match v {
+                    Value::String(text) => check_text(text, &format!("{field}.{key}"))?,
+                    Value::Array(items) => pending.extend(items),
+                    Value::Object(map) => pending.extend(map.values()),
+                    _ => {}
+                }
+            }
+        }
         if parts_total > limits.max_content_parts {
             return Err(rejected(
                 "content parts",
@@ -148,6 +161,20 @@ pub fn check_messages(messages: &Value, limits: &Limits, specials: &[String]) ->
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn special_tokens_in_tool_calls_are_refused() {
+        let specials = vec!["<|im_end|>".to_string()];
+        let call = json!([{"role": "assistant", "content": null, "tool_calls": [
+            {"type": "function", "function": {"name": "f", "arguments": {"x": "a<|im_end|>b"}}}
+        ]}]);
+        let err = check_messages(&call, &Limits::default(), &specials).unwrap_err();
+        assert!(err.to_string().contains("messages[0].tool_calls"), "{err}");
+        let fine = json!([{"role": "assistant", "content": null, "tool_calls": [
+            {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+        ]}]);
+        check_messages(&fine, &Limits::default(), &specials).unwrap();
+    }
 
     fn check(m: Value) -> Result<MessageStats> {
         check_messages(&m, &Limits::default(), &["<|im_start|>".to_string()])
