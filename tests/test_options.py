@@ -54,7 +54,7 @@ def test_keyword_only_and_frozen() -> None:
         (lfm.ImageBudget, {"max_pixels_tolerance": 0.0}, "image_budget.max_pixels_tolerance"),
         (lfm.Limits, {"context_tokens": 0}, "limits.context_tokens"),
         (lfm.EngineOptions, {"providers": ("tpu",)}, "providers"),
-        (lfm.EngineOptions, {"variant": "q3"}, "engine"),
+        (lfm.EngineOptions, {"variant": "q3"}, "variant"),
         (lfm.EngineOptions, {"max_batch_size": 0}, "max_batch_size"),
         (lfm.EngineOptions, {"intra_threads": 0}, "intra_threads"),
     ],
@@ -67,6 +67,38 @@ def test_out_of_range_values_are_refused(cls: type, kwargs: dict, field: str) ->
     assert err.field == field
     assert err.value is not None and err.limit is not None
     assert field.split(".")[-1] in str(err)
+
+
+@pytest.mark.parametrize(
+    ("cls", "data", "field", "value"),
+    [
+        (lfm.RequestOptions, {"seed": -1}, "seed", "-1"),
+        (lfm.RequestOptions, {"max_new_tokens": -1}, "max_new_tokens", "-1"),
+        (lfm.RequestOptions, {"top_k": 2.5}, "top_k", "2.5"),
+        (lfm.RequestOptions, {"temperature": "0.5"}, "temperature", '"0.5"'),
+        (lfm.RequestOptions, {"stop": ["a", 1]}, "stop", "1"),
+        (lfm.RequestOptions, {"temperatur": 0.5}, "temperatur", "temperatur"),
+        (lfm.EngineOptions, {"intra_threads": 70000}, "intra_threads", "70000"),
+        (lfm.EngineOptions, {"batching": "maybe"}, "batching", '"maybe"'),
+        (lfm.EngineOptions, {"limits": {"bogus": 1}}, "limits.bogus", "bogus"),
+        (lfm.EngineOptions, {"limits": {"context_tokens": -5}}, "limits.context_tokens", "-5"),
+        (lfm.EngineOptions, {"image_budget": {"max_tiles": 2.5}}, "image_budget.max_tiles", "2.5"),
+        (lfm.Limits, {"bogus": 1}, "limits.bogus", "bogus"),
+        (lfm.ImageBudget, {"use_thumbnail": "yes"}, "image_budget.use_thumbnail", '"yes"'),
+    ],
+)
+def test_type_and_sign_errors_name_the_field(cls: type, data: dict, field: str, value: str) -> None:
+    """Values of the wrong kind (negative counts, fractions, strings for numbers) and unknown
+    keys, nested ones included, name the field's path and its value, not the whole section."""
+    builds = [lambda: cls.from_dict(data)]
+    if set(data) <= {f.name for f in dataclasses.fields(cls)}:
+        builds.append(lambda: cls(**data))
+    for build in builds:
+        with pytest.raises(lfm.InvalidOptionsError) as info:
+            build()
+        err = info.value
+        assert (err.field, err.value) == (field, value)
+        assert err.limit and field.split(".")[-1] in str(err)
 
 
 @pytest.mark.parametrize(

@@ -330,7 +330,7 @@ impl GraphKind {
 
 /// Which precision to load for each graph: a preset name or one entry per graph.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a preset (fp32, fp16, q4, q8) or a map from graph name to precision")]
 pub enum Variant {
     Preset(Precision),
     PerGraph(BTreeMap<String, Precision>),
@@ -440,21 +440,87 @@ impl EngineOptions {
     }
 }
 
-/// Parses and validates an options object of type `T` from JSON text, naming the section
-/// (`"request"`, `"engine"`, ...) in errors.
+/// Options sections that are also fields of [`EngineOptions`]: their fields are named
+/// `section.field` whether the section is parsed alone or inside an engine's options (as
+/// [`ImageBudget::validate`] and [`Limits::validate`] name them). Fields of the top-level
+/// sections (`"request"`, `"engine"`) have bare names.
+const NESTED_SECTIONS: [&str; 2] = ["image_budget", "limits"];
+
+/// Parses an options object of type `T` from JSON text. A key or value serde refuses (an
+/// unknown key, a negative or fractional count, a string for a number, ...) is reported
+/// with the field's path (`seed`, `limits.context_tokens`, `image_budget.max_tiles`) and its
+/// value; JSON that is not an object names the section (`"request"`, `"engine"`, ...).
 pub fn from_json<T: serde::de::DeserializeOwned>(section: &str, json: &str) -> Result<T> {
-    serde_json::from_str(json).map_err(|e| {
-        let msg = e.to_string();
-        // serde's message names the bad key or value and, for unknown keys, the allowed ones.
-        let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
-        if let Some(rest) = msg.strip_prefix("unknown field `")
-            && let Some((key, allowed)) = rest.split_once("`, expected ")
-        {
-            let allowed = allowed.replace('`', "");
-            return Error::option(format!("{section}.{key}"), key, format!("a known key ({allowed})"));
+    let mut de = serde_json::Deserializer::from_str(json);
+    let parsed: std::result::Result<T, _> = serde_path_to_error::deserialize(&mut de);
+    let err = match parsed {
+        Ok(v) => {
+            return de.end().map(|()| v).map_err(|e| Error::option(section, json_excerpt(json), serde_message(&e)));
         }
-        Error::option(section, json_excerpt(json), msg)
-    })
+        Err(err) => err,
+    };
+    let msg = serde_message(err.inner());
+    let mut keys: Vec<&str> = Vec::new();
+    for segment in err.path() {
+        match segment {
+            serde_path_to_error::Segment::Map { key } => keys.push(key),
+            // `stop[3]` is reported as `stop`, as `validate` names it.
+            serde_path_to_error::Segment::Seq { .. } | serde_path_to_error::Segment::Enum { .. } => {}
+            serde_path_to_error::Segment::Unknown => break,
+        }
+    }
+    let prefix: Vec<&str> = if NESTED_SECTIONS.contains(&section) { vec![section] } else { Vec::new() };
+    // serde's message names the bad key and, for unknown keys, the allowed ones.
+    if let Some(rest) = msg.strip_prefix("unknown field `")
+        && let Some((key, allowed)) = rest.split_once("`, expected ")
+    {
+        if keys.last() != Some(&key) {
+            keys.push(key);
+        }
+        let field = [prefix, keys].concat().join(".");
+        let allowed = allowed.replace('`', "");
+        return Err(Error::option(field, key, format!("a known key ({allowed})")));
+    }
+    if keys.is_empty() {
+        return Err(Error::option(section, json_excerpt(json), msg));
+    }
+    let value = serde_json::from_str::<serde_json::Value>(json)
+        .ok()
+        .and_then(|root| {
+            err.path().iter().try_fold(root, |v, segment| match (segment, v) {
+                (serde_path_to_error::Segment::Map { key }, serde_json::Value::Object(mut m)) => m.remove(key),
+                (serde_path_to_error::Segment::Seq { index }, serde_json::Value::Array(mut a)) if *index < a.len() => {
+                    Some(a.swap_remove(*index))
+                }
+                _ => None,
+            })
+        })
+        .map_or_else(|| json_excerpt(json), |v| json_excerpt(&v.to_string()));
+    Err(Error::option([prefix, keys].concat().join("."), value, expected_of(&msg)))
+}
+
+/// serde_json's message without its `at line L column C` suffix.
+fn serde_message(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    msg.split(" at line ").next().unwrap_or(&msg).to_string()
+}
+
+/// What a serde type error expected, in words: `invalid value: integer `-1`, expected u64`
+/// becomes `a non-negative integer`.
+fn expected_of(msg: &str) -> String {
+    let Some((_, expected)) = msg.rsplit_once(", expected ") else {
+        return msg.to_string();
+    };
+    match expected {
+        "usize" | "u64" => "a non-negative integer".to_string(),
+        "u32" => format!("an integer from 0 to {}", u32::MAX),
+        "u16" => format!("an integer from 0 to {}", u16::MAX),
+        "u8" => format!("an integer from 0 to {}", u8::MAX),
+        "f32" | "f64" => "a number".to_string(),
+        "a boolean" => "true or false".to_string(),
+        "a sequence" => "a list".to_string(),
+        other => other.replace('`', ""),
+    }
 }
 
 fn json_excerpt(json: &str) -> String {
@@ -500,6 +566,42 @@ mod tests {
         let err = from_json::<RequestOptions>("request", r#"{"temperatur": 1}"#).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("temperatur") && msg.contains("max_new_tokens"), "{msg}");
+    }
+
+    #[test]
+    fn type_and_sign_errors_name_the_field_and_its_value() {
+        fn field_value<T: serde::de::DeserializeOwned + std::fmt::Debug>(
+            section: &str,
+            json: &str,
+        ) -> (String, String) {
+            match from_json::<T>(section, json) {
+                Err(Error::InvalidOption { field, value, .. }) => (field, value),
+                other => panic!("{json}: {other:?}"),
+            }
+        }
+        let request = |json| field_value::<RequestOptions>("request", json);
+        assert_eq!(request(r#"{"seed": -1}"#), ("seed".into(), "-1".into()));
+        assert_eq!(request(r#"{"max_new_tokens": -1}"#), ("max_new_tokens".into(), "-1".into()));
+        assert_eq!(request(r#"{"top_k": 2.5}"#), ("top_k".into(), "2.5".into()));
+        assert_eq!(request(r#"{"temperature": "0.5"}"#), ("temperature".into(), r#""0.5""#.into()));
+        assert_eq!(request(r#"{"stop": ["a", 1]}"#), ("stop".into(), "1".into()));
+        assert_eq!(request(r#"{"temperatur": 1}"#), ("temperatur".into(), "temperatur".into()));
+        let engine = |json| field_value::<EngineOptions>("engine", json);
+        assert_eq!(engine(r#"{"intra_threads": 70000}"#), ("intra_threads".into(), "70000".into()));
+        assert_eq!(engine(r#"{"limits": {"bogus": 1}}"#), ("limits.bogus".into(), "bogus".into()));
+        assert_eq!(engine(r#"{"limits": {"context_tokens": -5}}"#), ("limits.context_tokens".into(), "-5".into()));
+        assert_eq!(engine(r#"{"image_budget": {"max_tiles": 2.5}}"#), ("image_budget.max_tiles".into(), "2.5".into()));
+        assert_eq!(engine(r#"{"variant": "q3"}"#), ("variant".into(), r#""q3""#.into()));
+        assert_eq!(engine(r#"{"batching": "maybe"}"#), ("batching".into(), r#""maybe""#.into()));
+        // Alone, a nested section names its fields the same way.
+        assert_eq!(field_value::<Limits>("limits", r#"{"bogus": 1}"#), ("limits.bogus".into(), "bogus".into()));
+        let budget = field_value::<ImageBudget>("image_budget", r#"{"use_thumbnail": 1}"#);
+        assert_eq!(budget, ("image_budget.use_thumbnail".into(), "1".into()));
+        // Not an object, or not JSON: the section is the field.
+        assert_eq!(request("true").0, "request");
+        assert_eq!(request(r#"{"seed": 1} x"#).0, "request");
+        let msg = from_json::<RequestOptions>("request", r#"{"seed": -1}"#).unwrap_err().to_string();
+        assert!(msg.contains("`seed`") && msg.contains("-1") && msg.contains("non-negative integer"), "{msg}");
     }
 
     #[test]
