@@ -200,3 +200,49 @@ def pathlib_from_bytes(raw: bytes):  # type: ignore[no-untyped-def]
     import pathlib
 
     return pathlib.Path(os.fsdecode(raw))
+
+
+def _single_images() -> list[object]:
+    import pathlib
+
+    from PIL import Image
+
+    path = IMAGES / "grad_64x48.png"
+    return [
+        np.zeros((6, 40, 3), np.uint8),
+        np.zeros((6, 40), np.uint8),
+        str(path),
+        pathlib.Path(path),
+        path.read_bytes(),
+        Image.new("RGB", (8, 8)),
+    ]
+
+
+@pytest.mark.parametrize("image", _single_images(), ids=lambda v: type(v).__name__)
+def test_one_image_where_a_list_goes_is_refused(engine: lfm.Engine, image: object) -> None:
+    """A single image given as ``images=`` is not taken apart (an array into rows, a path
+    into characters): it is refused with a hint to wrap it in a list."""
+    task = lfm.JsonTask({"type": "string", "maxLength": 3}, "x")
+    calls = [
+        lambda: engine.generate("Describe.", images=image, options={"max_new_tokens": 1}),  # type: ignore[arg-type]
+        lambda: engine.run(task, image, options={"max_new_tokens": 8}),  # type: ignore[arg-type]
+        lambda: engine.encode_prompt("Describe.", image),  # type: ignore[arg-type]
+        lambda: engine.stream("Describe.", image),  # type: ignore[arg-type]
+    ]
+    for call in calls:
+        with pytest.raises(lfm.RequestRejectedError, match=r"images=\[image\]") as info:
+            call()
+        assert (info.value.field, info.value.value, info.value.limit) == (
+            "images",
+            type(image).__name__,
+            "a list of images",
+        )
+    # Per item in a batch: that item fails alone.
+    out = engine.generate_batch(["a", "b"], images=[image, [image]], options={"max_new_tokens": 1})  # type: ignore[list-item]
+    assert isinstance(out[0], lfm.RequestRejectedError) and out[0].field == "images"
+    assert isinstance(out[1], lfm.Generation)
+
+
+def test_a_stack_of_images_is_a_list_of_images(engine: lfm.Engine) -> None:
+    one = engine.encode_prompt("Describe.", [np.zeros((16, 16, 3), np.uint8)] * 2)
+    assert engine.encode_prompt("Describe.", np.zeros((2, 16, 16, 3), np.uint8)) == one  # type: ignore[arg-type]

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from ._images import ImageLike, to_core
 from .errors import RequestRejectedError
@@ -13,10 +16,32 @@ from .errors import RequestRejectedError
 Messages = str | Sequence[Mapping[str, Any]]
 
 
-def _rejected(message: str, field: str, value: object, limit: object) -> RequestRejectedError:
+def rejected(message: str, field: str, value: object, limit: object) -> RequestRejectedError:
     err = RequestRejectedError(message)
     err.field, err.value, err.limit = field, str(value), str(limit)
     return err
+
+
+def is_one_image(value: object) -> bool:
+    """Whether ``value`` is a single ImageLike (which iterating would take apart: a path
+    into characters, bytes into ints, an array into rows). A 4-D array is a stack of images."""
+    if isinstance(value, (str, bytes, bytearray, memoryview, os.PathLike)):
+        return True
+    if isinstance(value, np.ndarray):
+        return value.ndim != 4
+    return type(value).__module__.startswith("PIL.")
+
+
+def check_image_list(images: object, argument: str = "images") -> None:
+    """Refuses a single image (or a mapping) where a list of images is expected."""
+    if is_one_image(images) or isinstance(images, Mapping):
+        what = "a dict" if isinstance(images, Mapping) else f"a single image ({type(images).__name__})"
+        raise rejected(
+            f"{argument} must be a list of images, got {what}; wrap one image in a list: {argument}=[image]",
+            argument,
+            type(images).__name__,
+            "a list of images",
+        )
 
 
 def prepare(messages: Messages, images: Iterable[ImageLike] = ()) -> tuple[str, list[Any]]:
@@ -25,6 +50,7 @@ def prepare(messages: Messages, images: Iterable[ImageLike] = ()) -> tuple[str, 
     A ``str`` is one user turn: the images, in order, then the text. Otherwise each image
     part takes its own ``"image"`` when it has one, else the next of ``images``.
     """
+    check_image_list(images)
     pool = list(images)
     if isinstance(messages, str):
         parts: list[dict[str, Any]] = [{"type": "image"} for _ in pool]
@@ -51,7 +77,7 @@ def prepare(messages: Messages, images: Iterable[ImageLike] = ()) -> tuple[str, 
                         try:
                             ordered.append(to_core(next(pending)))
                         except StopIteration:
-                            raise _rejected(
+                            raise rejected(
                                 f"the messages have more image parts than the {len(pool)} images given",
                                 "images",
                                 len(pool),
@@ -64,7 +90,7 @@ def prepare(messages: Messages, images: Iterable[ImageLike] = ()) -> tuple[str, 
             msg["content"] = new_parts
         out.append(msg)
     if used != len(pool):
-        raise _rejected(
+        raise rejected(
             f"{len(pool)} images were given but only {used} image parts without an image take them",
             "images",
             len(pool),
