@@ -246,3 +246,26 @@ def test_one_image_where_a_list_goes_is_refused(engine: lfm.Engine, image: objec
 def test_a_stack_of_images_is_a_list_of_images(engine: lfm.Engine) -> None:
     one = engine.encode_prompt("Describe.", [np.zeros((16, 16, 3), np.uint8)] * 2)
     assert engine.encode_prompt("Describe.", np.zeros((2, 16, 16, 3), np.uint8)) == one  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "messages", ["hello", b"hello", {"role": "user", "content": "x"}], ids=["str", "bytes", "dict"]
+)
+def test_generate_batch_refuses_one_conversation(engine: lfm.Engine, messages: object) -> None:
+    """``generate_batch("hello")`` is not five one-letter conversations."""
+    with pytest.raises(lfm.RequestRejectedError, match=r"generate_batch\(\[messages\]\)") as info:
+        engine.generate_batch(messages, options={"max_new_tokens": 1})  # type: ignore[arg-type]
+    assert (info.value.field, info.value.value) == ("messages", type(messages).__name__)
+    with pytest.raises(lfm.RequestRejectedError) as info:
+        engine.generate_batch(["a", "b"], images=np.zeros((2, 8, 8, 3), np.uint8)[0], options={"max_new_tokens": 1})  # type: ignore[arg-type]
+    assert info.value.field == "images"
+
+
+@pytest.mark.parametrize("item", _single_images(), ids=lambda v: type(v).__name__)
+def test_run_batch_refuses_one_item(engine: lfm.Engine, item: object) -> None:
+    task = lfm.JsonTask({"type": "string", "maxLength": 3}, "x")
+    with pytest.raises(lfm.RequestRejectedError, match=r"run_batch\(task, \[image\]\)") as info:
+        engine.run_batch(task, item, options={"max_new_tokens": 8})  # type: ignore[arg-type]
+    assert (info.value.field, info.value.value) == ("items", type(item).__name__)
+    with pytest.raises(lfm.RequestRejectedError):
+        engine.run_batch(task, {"a": item}, options={"max_new_tokens": 8})  # type: ignore[arg-type]

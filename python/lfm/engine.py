@@ -15,7 +15,7 @@ import numpy as np
 from . import _lfm, _ort
 from ._batch import Progress, collect
 from ._images import ImageLike
-from ._messages import Messages, prepare, template_json
+from ._messages import Messages, is_one_image, prepare, rejected, template_json
 from .bundled import check_against_bundled
 from .errors import LfmError, LfmWarning, ParseError
 from .grammar import Grammar
@@ -163,6 +163,23 @@ class Engine:
         ``images[i]`` goes with ``messages[i]``. Results are in input order; a failing item
         holds its exception and the rest complete. ``progress=True`` shows a progress bar
         (or pass a callable(done, total)). Ctrl-C cancels the whole batch."""
+        if isinstance(messages, (str, bytes, bytearray, Mapping)):
+            what = "one message dict" if isinstance(messages, Mapping) else f"a {type(messages).__name__}"
+            raise rejected(
+                f"messages must be a list of conversations (each a str or a list of message dicts), got {what}; "
+                "for one conversation use generate(), or wrap it in a list: generate_batch([messages])",
+                "messages",
+                type(messages).__name__,
+                "a list of conversations",
+            )
+        if images is not None and (is_one_image(images) or isinstance(images, Mapping)):
+            raise rejected(
+                f"images must be a list with one list of images per conversation, got a {type(images).__name__}; "
+                "e.g. images=[[image_a], [image_b]]",
+                "images",
+                type(images).__name__,
+                "a list of image lists",
+            )
         if images is not None and len(images) != len(messages):
             raise ValueError(f"images has {len(images)} entries for {len(messages)} conversations")
         handles: list[Any] = []
@@ -183,6 +200,14 @@ class Engine:
         """Runs ``task`` on many items (each an image, or a sequence of images for a
         multi-image item). Results are in input order; a failing item holds its exception
         (``ParseError`` for cut output) and the rest complete."""
+        if is_one_image(items) or isinstance(items, Mapping):
+            raise rejected(
+                f"items must be a list of items (each an image or a list of images), got a {type(items).__name__}; "
+                "for one image use run(), or wrap it in a list: run_batch(task, [image])",
+                "items",
+                type(items).__name__,
+                "a list of items",
+            )
         prompt, grammar = task.prompt(), task.grammar()
         handles: list[Any] = []
         for item in items:
