@@ -255,6 +255,23 @@ def test_default_budget_argument() -> None:
     assert lfm.preproc.plan(1024, 768) == lfm.preproc.plan(1024, 768, lfm.ImageBudget())
 
 
+def test_budget_as_a_dict() -> None:
+    """``budget=`` takes a plain dict of ImageBudget fields, as ``options=`` does; a bad
+    field is an InvalidOptionsError naming it, anything else a TypeError."""
+    fast = lfm.ImageBudget.fast().to_dict()
+    assert lfm.preproc.plan(640, 480, fast) == lfm.preproc.plan(640, 480, lfm.ImageBudget.fast())
+    p = lfm.preproc.Preprocessor({"max_tiles": 4})
+    assert p.budget == lfm.ImageBudget(max_tiles=4)
+    assert p.plan(1000, 1000) == lfm.preproc.plan(1000, 1000, lfm.ImageBudget(max_tiles=4))
+    with pytest.raises(lfm.InvalidOptionsError) as info:
+        lfm.preproc.Preprocessor({"max_tiles": 11})
+    assert info.value.field == "image_budget.max_tiles"
+    with pytest.raises(lfm.InvalidOptionsError):
+        lfm.preproc.plan(640, 480, {"max_tile": 4})
+    with pytest.raises(TypeError):
+        lfm.preproc.Preprocessor("fast")  # type: ignore[arg-type]
+
+
 # --- errors --------------------------------------------------------------------------
 
 

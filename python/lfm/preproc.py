@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from . import _lfm
 from ._images import ImageLike, to_core
-from .options import ImageBudget
+from .options import ImageBudget, coerce
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,12 +50,13 @@ def _grid(t: tuple[int, int, tuple[int, int], tuple[int, int] | None]) -> TileGr
     return TileGrid(rows=t[0], cols=t[1], tile=t[2], thumbnail=t[3])
 
 
-def _budget_json(budget: ImageBudget | None) -> str:
-    return json.dumps((budget or ImageBudget()).to_dict())
+def _budget_json(budget: ImageBudget | Mapping[str, Any] | None) -> str:
+    return json.dumps(coerce(ImageBudget, budget).to_dict())
 
 
-def plan(width: int, height: int, budget: ImageBudget | None = None) -> TileGrid:
-    """The tile plan for an image of ``width x height`` pixels (width first)."""
+def plan(width: int, height: int, budget: ImageBudget | Mapping[str, Any] | None = None) -> TileGrid:
+    """The tile plan for an image of ``width x height`` pixels (width first). ``budget`` is
+    an ``ImageBudget``, a plain dict of its fields, or None (the defaults)."""
     return _grid(_lfm.plan(width, height, _budget_json(budget)))
 
 
@@ -82,10 +85,11 @@ class PreprocessedImage:
 
 
 class Preprocessor:
-    """Plans and preprocesses images under one ``ImageBudget``."""
+    """Plans and preprocesses images under one ``ImageBudget`` (or a plain dict of its
+    fields, as ``options=`` takes)."""
 
-    def __init__(self, budget: ImageBudget | None = None) -> None:
-        self.budget = budget or ImageBudget()
+    def __init__(self, budget: ImageBudget | Mapping[str, Any] | None = None) -> None:
+        self.budget = coerce(ImageBudget, budget)
         self._json = _budget_json(self.budget)
 
     def plan(self, width: int, height: int) -> TileGrid:
