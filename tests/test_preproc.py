@@ -195,6 +195,28 @@ def test_tilegrid_invalid(kwargs: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(rows=1, cols=1, tile=(2**25, 2**25)),
+        dict(rows=10, cols=10, tile=(2**62, 2**62)),
+        dict(rows=1, cols=1, tile=(32, 32 * 1025)),
+        dict(rows=2, cols=2, tile=(512, 512), thumbnail=(2**37, 2**37)),
+    ],
+    ids=["tile_2_25", "tile_2_62", "tile_1025_tokens", "thumbnail_2_37"],
+)
+def test_tilegrid_entry_over_token_cap(kwargs: dict[str, Any]) -> None:
+    # Such grids once wrapped num_image_tokens to 0, or aborted in placeholder_text.
+    with pytest.raises(lfm.InvalidOptionsError):
+        lfm.preproc.TileGrid(**kwargs)
+
+
+def test_tilegrid_largest_entries() -> None:
+    g = lfm.preproc.TileGrid(rows=10, cols=10, tile=(1024, 1024), thumbnail=(32, 32 * 1024))
+    assert g.num_image_tokens == 101 * 1024
+    assert lfm.preproc.placeholder_text(g).count("<image>") == 101 * 1024
+
+
+@pytest.mark.parametrize(
     "rows,cols,thumb", [(1, 2, None), (2, 2, (512, 512)), (3, 2, (576, 416)), (2, 4, None), (1, 1, None)]
 )
 def test_tilegrid_num_entries(rows: int, cols: int, thumb: tuple[int, int] | None) -> None:

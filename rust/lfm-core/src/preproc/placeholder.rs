@@ -15,7 +15,10 @@ pub fn tile_marker(row: usize, col: usize) -> String {
 /// The text that replaces one `<image>`: start, per tile (row-major) its marker and
 /// tokens, the thumbnail marker and tokens, end. A 1x1 grid has no markers.
 pub fn placeholder_text(grid: &TileGrid) -> String {
-    let mut s = String::with_capacity((grid.num_image_tokens() + 16) * IMAGE_TOKEN.len());
+    // `TileGrid::new` bounds the count; checked anyway, since a grid built field by field
+    // is not validated and a wrapped capacity would be silently wrong.
+    let capacity = grid.num_image_tokens().checked_add(16).and_then(|n| n.checked_mul(IMAGE_TOKEN.len()));
+    let mut s = String::with_capacity(capacity.unwrap_or(0));
     s.push_str(IMAGE_START);
     if grid.is_multi_tile() {
         for r in 1..=grid.rows {

@@ -28,9 +28,10 @@ impl Geometry {
         self.patch_size * self.downsample
     }
 
-    /// Tokens of an `h x w` entry (both multiples of [`Geometry::unit`]).
+    /// Tokens of an `h x w` entry (both multiples of [`Geometry::unit`]). Saturates rather
+    /// than wraps, so an absurd size reads as "too many", never as a small count.
     pub fn tokens(&self, (h, w): (usize, usize)) -> usize {
-        (h / self.unit()) * (w / self.unit())
+        (h / self.unit()).saturating_mul(w / self.unit())
     }
 }
 
@@ -61,6 +62,17 @@ impl TileGrid {
             if h == 0 || w == 0 || h % unit != 0 || w % unit != 0 {
                 return Err(Error::option(name, format!("({h}, {w})"), format!("positive multiples of {unit}")));
             }
+            // No entry the model consumes has more tokens than an image may have at all (a
+            // 512x512 tile is 256); without this bound the token counts wrap and
+            // `placeholder_text` tries to allocate terabytes.
+            let cap = crate::options::MAX_IMAGE_TOKENS_CAP;
+            if Geometry::LFM2_VL.tokens((h, w)) > cap {
+                return Err(Error::option(
+                    name,
+                    format!("({h}, {w})"),
+                    format!("at most {cap} tokens, one per {unit}x{unit} pixels"),
+                ));
+            }
         }
         if thumbnail.is_some() && rows * cols == 1 {
             return Err(Error::option("thumbnail", "a thumbnail on a 1x1 grid", "None for a single tile"));
@@ -90,7 +102,10 @@ impl TileGrid {
 
     /// `<image>` tokens this image becomes (markers and wrappers not counted).
     pub fn num_image_tokens(&self) -> usize {
-        self.rows * self.cols * self.tokens_per_tile() + self.thumbnail_tokens()
+        // Saturating: the fields are public, so a grid built without `new` may be absurd.
+        (self.rows.saturating_mul(self.cols))
+            .saturating_mul(self.tokens_per_tile())
+            .saturating_add(self.thumbnail_tokens())
     }
 
     /// Structural tokens around the image tokens: start/end, one marker per tile, and the
@@ -247,6 +262,23 @@ mod tests {
             assert!(matches!(plan(w, h, &ImageBudget::quality()), Err(Error::TileGridImpossible { .. })));
         }
         assert!(matches!(plan(0, 5, &ImageBudget::quality()), Err(Error::ImageTooSmall { .. })));
+    }
+
+    #[test]
+    fn hand_made_grid_entries_are_bounded() {
+        // The largest entries allowed: 1024 tokens each, on the largest grid.
+        let g = TileGrid::new(10, 10, (1024, 1024), Some((32, 32 * 1024))).unwrap();
+        assert_eq!(g.num_image_tokens(), 100 * 1024 + 1024);
+        for tile in [(1056, 1024), (32, 32 * 1025), (1 << 25, 1 << 25), (1 << 62, 1 << 62)] {
+            assert!(matches!(TileGrid::new(1, 1, tile, None), Err(Error::InvalidOption { .. })), "{tile:?}");
+            assert!(
+                matches!(TileGrid::new(2, 2, (512, 512), Some(tile)), Err(Error::InvalidOption { .. })),
+                "{tile:?}"
+            );
+        }
+        // Even a grid built field by field never wraps to a small count.
+        let g = TileGrid { rows: 10, cols: 10, tile: (1 << 62, 1 << 62), thumbnail: None };
+        assert_eq!(g.num_image_tokens(), usize::MAX);
     }
 
     #[test]
