@@ -303,6 +303,23 @@ def test_plan_zero_size() -> None:
     assert isinstance(ei.value, ValueError)
 
 
+@pytest.mark.parametrize("size", [(2**32, 10), (10, 2**32), (2**40, 2**40)])
+def test_plan_side_over_u32_is_refused(size: tuple[int, int]) -> None:
+    # Such sides were clamped to 2**32 - 1 silently.
+    with pytest.raises(lfm.ImageError) as ei:
+        lfm.preproc.plan(*size)
+    side = "width" if size[0] >= 2**32 else "height"
+    assert (ei.value.field, ei.value.value, ei.value.limit) == (side, str(max(size)), str(2**32 - 1))
+    assert str(max(size)) in str(ei.value)
+
+
+def test_plan_largest_sides_do_not_wrap() -> None:
+    # (2**32 - 1)**2 wrapped the area computation: a 1x1 grid came back.
+    g = lfm.preproc.plan(2**32 - 1, 2**32 - 1)
+    assert g == lfm.preproc.plan(100_000, 100_000)
+    assert g.num_entries > 1
+
+
 def test_plan_impossible_grid() -> None:
     with pytest.raises(lfm.ImageError):
         lfm.preproc.plan(1, 100000)

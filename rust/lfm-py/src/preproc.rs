@@ -52,10 +52,17 @@ pub fn validate_options(py: Python<'_>, kind: &str, json: &str) -> PyResult<Stri
 #[pyfunction]
 pub fn plan(py: Python<'_>, width: i64, height: i64, budget_json: &str) -> PyResult<GridTuple> {
     let b = budget(py, budget_json)?;
-    let (w, h) = (u32::try_from(width.max(0)).unwrap_or(u32::MAX), u32::try_from(height.max(0)).unwrap_or(u32::MAX));
     if width < 0 || height < 0 {
         return Err(PyValueError::new_err(format!("image size must not be negative, got {width}x{height}")));
     }
+    // Refused, not clamped: a clamped side would plan some other image than the one asked.
+    let side = |field: &'static str, v: i64| {
+        u32::try_from(v).map_err(|_| {
+            let e = lfm_core::Error::ImageTooLarge { field, value: v.unsigned_abs(), limit: u32::MAX.into() };
+            to_py_err(py, e)
+        })
+    };
+    let (w, h) = (side("width", width)?, side("height", height)?);
     preproc::plan(w, h, &b).map(|g| grid_tuple(&g)).map_err(|e| to_py_err(py, e))
 }
 

@@ -132,6 +132,12 @@ fn round_by_factor(n: usize, factor: usize) -> usize {
     r as usize * factor
 }
 
+/// `h * w` as f64, computed in u128: sides near `u32::MAX` overflow a u64 product (and any
+/// usize product on 32-bit targets), and a wrapped area made huge images look tiny.
+fn area(h: usize, w: usize) -> f64 {
+    (h as u128 * w as u128) as f64
+}
+
 /// transformers' `smart_resize`: both sides multiples of 32, area within the token budget,
 /// aspect ratio kept as closely as possible. Returns (height, width).
 pub fn smart_resize(height: usize, width: usize, min_tokens: usize, max_tokens: usize) -> (usize, usize) {
@@ -141,11 +147,11 @@ pub fn smart_resize(height: usize, width: usize, min_tokens: usize, max_tokens: 
     let (h, w) = (height as f64, width as f64);
     let mut hb = f.max(round_by_factor(height, f));
     let mut wb = f.max(round_by_factor(width, f));
-    if ((hb * wb) as f64) > max_px {
+    if area(hb, wb) > max_px {
         let beta = (h * w / max_px).sqrt();
         hb = f.max(((h / beta / f as f64).floor() as usize) * f);
         wb = f.max(((w / beta / f as f64).floor() as usize) * f);
-    } else if ((hb * wb) as f64) < min_px {
+    } else if area(hb, wb) < min_px {
         let beta = (min_px / (h * w)).sqrt();
         hb = ((h * beta / f as f64).ceil() as usize) * f;
         wb = ((w * beta / f as f64).ceil() as usize) * f;
@@ -158,14 +164,14 @@ fn is_too_large(height: usize, width: usize, budget: &ImageBudget) -> bool {
     let g = Geometry::LFM2_VL;
     let hb = g.patch_size.max(round_by_factor(height, g.unit()));
     let wb = g.patch_size.max(round_by_factor(width, g.unit()));
-    (hb * wb) as f64 > (budget.max_image_tokens * g.unit() * g.unit()) as f64 * budget.max_pixels_tolerance
+    area(hb, wb) > (budget.max_image_tokens * g.unit() * g.unit()) as f64 * budget.max_pixels_tolerance
 }
 
 /// transformers' `find_closest_aspect_ratio` over the CPython-ordered candidates.
 /// Returns (cols, rows).
 fn closest_grid(width: usize, height: usize, budget: &ImageBudget) -> (usize, usize) {
     let aspect = width as f64 / height as f64;
-    let area = (width * height) as f64;
+    let image_area = area(width, height);
     let tile = Geometry::LFM2_VL.tile_size as f64;
     let mut best_diff = f64::INFINITY;
     let mut best = (1, 1);
@@ -175,7 +181,7 @@ fn closest_grid(width: usize, height: usize, budget: &ImageBudget) -> (usize, us
         if diff < best_diff {
             best_diff = diff;
             best = (c, r);
-        } else if diff == best_diff && area > 0.5 * tile * tile * (c * r) as f64 {
+        } else if diff == best_diff && image_area > 0.5 * tile * tile * (c * r) as f64 {
             best = (c, r);
         }
     }
@@ -279,6 +285,18 @@ mod tests {
         // Even a grid built field by field never wraps to a small count.
         let g = TileGrid { rows: 10, cols: 10, tile: (1 << 62, 1 << 62), thumbnail: None };
         assert_eq!(g.num_image_tokens(), usize::MAX);
+    }
+
+    #[test]
+    fn huge_images_do_not_wrap() {
+        // (2^32 - 1)^2 wrapped the u64 area to a small number: a 1x1 grid came back.
+        let m = u32::MAX;
+        let g = plan(m, m, &ImageBudget::quality()).unwrap();
+        assert_eq!(g, plan(100_000, 100_000, &ImageBudget::quality()).unwrap());
+        assert!(g.rows * g.cols > 1 && g.thumbnail.is_some());
+        let (h, w) = smart_resize(m as usize, m as usize, 64, 256);
+        assert!(Geometry::LFM2_VL.tokens((h, w)) <= 256, "{h}x{w}");
+        assert!(matches!(plan(m, 1, &ImageBudget::quality()), Err(Error::TileGridImpossible { .. })));
     }
 
     #[test]
