@@ -180,6 +180,46 @@ def test_decoder_without_cache_inputs_is_refused(tmp_path) -> None:  # type: ign
         lfm.Engine.from_dir(d)
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+@pytest.mark.parametrize(
+    "name,data",
+    [
+        # A length that wrapped to a seek of -11 bytes: parsing restarted forever.
+        ("vision_encoder.onnx", b"\x0a" + _varint(2**64 - 11)),
+        # A length of 4 TiB: allocated up front, the process aborted.
+        ("decoder_model_merged.onnx", b"\x0a" + _varint(2**42) + b"xyz"),
+    ],
+    ids=["wrapping_length", "huge_length"],
+)
+def test_malformed_onnx_lengths_are_model_load_errors(tmp_path, name: str, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+    import subprocess
+    import sys
+
+    d = tmp_path / "m"
+    shutil.copytree(MODELS / "tiny16", d)
+    (d / "onnx" / name).write_bytes(data)
+    # In a child: the bug was a hang or an abort, which would take pytest down with it.
+    code = (
+        "import lfm, sys\n"
+        "try:\n"
+        "    lfm.Engine.from_dir(sys.argv[1])\n"
+        "except lfm.ModelLoadError as e:\n"
+        "    print('ModelLoadError', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ModelLoadError") and name in r.stdout, r.stdout
+
+
 def test_non_utf8_path(engine: lfm.Engine, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A path whose bytes are not UTF-8 (given as bytes through os.fsdecode's surrogate
     escapes) is either found or reported missing, never a crash."""

@@ -40,41 +40,59 @@ impl<R: Read + Seek> Wire<R> {
         Ok(self.varint()?.map(|tag| (tag >> 3, (tag & 7) as u8)))
     }
 
-    fn skip(&mut self, wire: u8) -> std::io::Result<()> {
-        match wire {
+    /// Reads a length prefix and returns where that body ends, refusing a body that runs
+    /// past `end` (the end of the enclosing message or file). The lengths come from the
+    /// file: unchecked, a huge one wrapped to a backward seek (a parse that never ends) or
+    /// sized an allocation of terabytes.
+    fn body_end(&mut self, end: u64) -> std::io::Result<u64> {
+        let n = self.varint()?.unwrap_or(0);
+        let start = self.r.stream_position()?;
+        match start.checked_add(n) {
+            Some(body_end) if body_end <= end => Ok(body_end),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("a field of {n} bytes at offset {start} runs past its end at {end}"),
+            )),
+        }
+    }
+
+    /// Skips a field's value of wire type `wire`, which must end by `end`.
+    fn skip(&mut self, wire: u8, end: u64) -> std::io::Result<()> {
+        let body_end = match wire {
             0 => {
                 self.varint()?;
+                return Ok(());
             }
-            1 => {
-                self.r.seek(SeekFrom::Current(8))?;
-            }
-            2 => {
-                let n = self.varint()?.unwrap_or(0);
-                self.r.seek(SeekFrom::Current(n as i64))?;
-            }
-            5 => {
-                self.r.seek(SeekFrom::Current(4))?;
-            }
+            1 => self.r.stream_position()?.saturating_add(8),
+            2 => self.body_end(end)?,
+            5 => self.r.stream_position()?.saturating_add(4),
             _ => return Err(std::io::ErrorKind::InvalidData.into()),
+        };
+        if body_end > end {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
+        // Absolute, so that a seek only ever moves forward.
+        self.r.seek(SeekFrom::Start(body_end))?;
         Ok(())
     }
 
-    /// A whole length-delimited body.
-    fn bytes_exact(&mut self) -> std::io::Result<Vec<u8>> {
-        let n = self.varint()?.unwrap_or(0) as usize;
-        let mut v = vec![0; n];
+    /// A whole length-delimited body, which must end by `end`.
+    fn bytes_exact(&mut self, end: u64) -> std::io::Result<Vec<u8>> {
+        let body_end = self.body_end(end)?;
+        let n = body_end - self.r.stream_position()?;
+        let mut v = vec![0; usize::try_from(n).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?];
         self.r.read_exact(&mut v)?;
         Ok(v)
     }
 
-    fn bytes(&mut self) -> std::io::Result<Vec<u8>> {
-        let n = self.varint()?.unwrap_or(0) as usize;
-        let mut v = vec![0; n.min(1 << 20)];
+    /// The first MiB of a length-delimited body (names: longer ones are cut), which must
+    /// end by `end`.
+    fn bytes(&mut self, end: u64) -> std::io::Result<Vec<u8>> {
+        let body_end = self.body_end(end)?;
+        let n = body_end - self.r.stream_position()?;
+        let mut v = vec![0; n.min(1 << 20) as usize];
         self.r.read_exact(&mut v)?;
-        if n > v.len() {
-            self.r.seek(SeekFrom::Current((n - v.len()) as i64))?;
-        }
+        self.r.seek(SeekFrom::Start(body_end))?;
         Ok(v)
     }
 }
@@ -98,30 +116,28 @@ pub fn graph_nodes(path: &Path) -> Result<Vec<GraphNode>> {
     let mut nodes = Vec::new();
     while let Some((f, wt)) = w.field(len).map_err(bad)? {
         if f == MODEL_GRAPH && wt == 2 {
-            let n = w.varint().map_err(bad)?.unwrap_or(0);
-            let end = w.r.stream_position().map_err(bad)? + n;
+            let end = w.body_end(len).map_err(bad)?;
             while let Some((gf, gwt)) = w.field(end).map_err(bad)? {
                 if gf == GRAPH_NODE && gwt == 2 {
-                    let n = w.varint().map_err(bad)?.unwrap_or(0);
-                    let node_end = w.r.stream_position().map_err(bad)? + n;
+                    let node_end = w.body_end(end).map_err(bad)?;
                     let mut node = GraphNode::default();
                     while let Some((nf, nwt)) = w.field(node_end).map_err(bad)? {
                         match (nf, nwt) {
-                            (NODE_OP_TYPE, 2) => node.op = text(w.bytes().map_err(bad)?),
-                            (NODE_DOMAIN, 2) => node.domain = text(w.bytes().map_err(bad)?),
-                            (NODE_INPUT, 2) => node.inputs.push(text(w.bytes().map_err(bad)?)),
-                            (NODE_OUTPUT, 2) => node.outputs.push(text(w.bytes().map_err(bad)?)),
-                            _ => w.skip(nwt).map_err(bad)?,
+                            (NODE_OP_TYPE, 2) => node.op = text(w.bytes(node_end).map_err(bad)?),
+                            (NODE_DOMAIN, 2) => node.domain = text(w.bytes(node_end).map_err(bad)?),
+                            (NODE_INPUT, 2) => node.inputs.push(text(w.bytes(node_end).map_err(bad)?)),
+                            (NODE_OUTPUT, 2) => node.outputs.push(text(w.bytes(node_end).map_err(bad)?)),
+                            _ => w.skip(nwt, node_end).map_err(bad)?,
                         }
                     }
                     nodes.push(node);
                 } else {
-                    w.skip(gwt).map_err(bad)?;
+                    w.skip(gwt, end).map_err(bad)?;
                 }
             }
             return Ok(nodes);
         }
-        w.skip(wt).map_err(bad)?;
+        w.skip(wt, len).map_err(bad)?;
     }
     Err(Error::model_load(path, "not an ONNX model: no graph"))
 }
@@ -188,13 +204,13 @@ pub(super) fn parse_fields(buf: &[u8]) -> Option<Vec<Field>> {
         };
         let body_start = w.r.position() as usize;
         let payload = if wire == 2 {
-            let n = w.varint().ok()?? as usize;
-            let p0 = w.r.position() as usize;
-            let p = buf.get(p0..p0 + n)?.to_vec();
-            w.r.set_position((p0 + n) as u64);
+            let p1 = w.body_end(end).ok()?;
+            let p0 = w.r.position();
+            let p = buf.get(usize::try_from(p0).ok()?..usize::try_from(p1).ok()?)?.to_vec();
+            w.r.set_position(p1);
             p
         } else {
-            w.skip(wire).ok()?;
+            w.skip(wire, end).ok()?;
             Vec::new()
         };
         let body_end = w.r.position() as usize;
@@ -260,14 +276,13 @@ impl ModelParts {
         let mut graph_fields: Option<Vec<(u64, Vec<u8>)>> = None;
         while let Some((f, wt)) = w.field(len).map_err(bad)? {
             if f == MODEL_GRAPH && wt == 2 {
-                let n = w.varint().map_err(bad)?.unwrap_or(0);
-                let end = w.r.stream_position().map_err(bad)? + n;
+                let end = w.body_end(len).map_err(bad)?;
                 let mut fields = Vec::new();
                 while let Some((gf, gwt)) = w.field(end).map_err(bad)? {
                     if gf == GRAPH_INITIALIZER && gwt == 2 {
-                        fields.push((gf, externalize_tensor(&mut w, &location).map_err(bad)?));
+                        fields.push((gf, externalize_tensor(&mut w, end, &location).map_err(bad)?));
                     } else if gwt == 2 {
-                        let body = w.bytes_exact().map_err(bad)?;
+                        let body = w.bytes_exact(end).map_err(bad)?;
                         let mut enc = Vec::new();
                         put_bytes(&mut enc, gf, &body);
                         fields.push((gf, enc));
@@ -290,7 +305,7 @@ impl ModelParts {
                 match wt {
                     0 => put_varint(&mut enc, w.varint().map_err(bad)?.unwrap_or(0)),
                     2 => {
-                        let body = w.bytes_exact().map_err(bad)?;
+                        let body = w.bytes_exact(len).map_err(bad)?;
                         put_varint(&mut enc, body.len() as u64);
                         enc.extend_from_slice(&body);
                     }
@@ -380,17 +395,17 @@ const INLINE_TENSOR_BYTES: u64 = 1024;
 
 /// Reads one `TensorProto` field body (length prefix next) and re-encodes it as a graph
 /// initializer field whose inline `raw_data`, when larger than `INLINE_TENSOR_BYTES`, is
-/// replaced by an external reference to the same bytes of `location`.
-fn externalize_tensor<R: Read + Seek>(w: &mut Wire<R>, location: &str) -> std::io::Result<Vec<u8>> {
-    let n = w.varint()?.unwrap_or(0);
-    let start = w.r.stream_position()?;
-    let end = start + n;
+/// replaced by an external reference to the same bytes of `location`. The body must end
+/// by `graph_end`.
+fn externalize_tensor<R: Read + Seek>(w: &mut Wire<R>, graph_end: u64, location: &str) -> std::io::Result<Vec<u8>> {
+    let end = w.body_end(graph_end)?;
     let mut tensor = Vec::new();
     let mut raw: Option<(u64, u64)> = None;
     while let Some((f, wt)) = w.field(end)? {
         if f == TENSOR_RAW_DATA && wt == 2 {
-            let len = w.varint()?.unwrap_or(0);
+            let data_end = w.body_end(end)?;
             let offset = w.r.stream_position()?;
+            let len = data_end - offset;
             if len <= INLINE_TENSOR_BYTES {
                 // Small tensors (axes, shapes, scalars) stay inline: ONNX shape inference
                 // reads them while the graph loads and cannot read external data.
@@ -398,7 +413,7 @@ fn externalize_tensor<R: Read + Seek>(w: &mut Wire<R>, location: &str) -> std::i
                 w.r.read_exact(&mut data)?;
                 put_bytes(&mut tensor, TENSOR_RAW_DATA, &data);
             } else {
-                w.r.seek(SeekFrom::Current(len as i64))?;
+                w.r.seek(SeekFrom::Start(data_end))?;
                 raw = Some((offset, len));
             }
             continue;
@@ -417,7 +432,7 @@ fn externalize_tensor<R: Read + Seek>(w: &mut Wire<R>, location: &str) -> std::i
                 tensor.extend_from_slice(&b);
             }
             2 => {
-                let body = w.bytes_exact()?;
+                let body = w.bytes_exact(end)?;
                 put_varint(&mut tensor, body.len() as u64);
                 tensor.extend_from_slice(&body);
             }
@@ -442,6 +457,72 @@ fn externalize_tensor<R: Read + Seek>(w: &mut Wire<R>, location: &str) -> std::i
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `bytes` written to a file of its own, for the readers that take a path.
+    fn temp_model(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!("lfm-onnx-proto-{}-{name}.onnx", std::process::id()));
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    /// Files whose length prefixes run past the end: each must be refused as a malformed
+    /// model, not seek backwards forever (a length that wraps to a negative offset) nor
+    /// allocate what the prefix claims (terabytes).
+    #[test]
+    fn lengths_past_the_end_are_refused() {
+        let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+        // Field 1 (wire 2) of 2^64 - 11 bytes: once a seek of -11 bytes, back to the start.
+        let mut wrap = vec![0x0A];
+        put_varint(&mut wrap, u64::MAX - 10);
+        cases.push(("wrap", wrap));
+        // Field 1 of 2^42 bytes, then 3 bytes.
+        let mut huge = vec![0x0A];
+        put_varint(&mut huge, 1 << 42);
+        huge.extend_from_slice(b"xyz");
+        cases.push(("huge", huge));
+        // A graph whose node claims more bytes than the graph holds.
+        let mut node = Vec::new();
+        put_varint(&mut node, NODE_OP_TYPE << 3 | 2);
+        put_varint(&mut node, u64::MAX);
+        let mut graph = Vec::new();
+        put_bytes(&mut graph, GRAPH_NODE, &node);
+        let mut nested = Vec::new();
+        put_bytes(&mut nested, MODEL_GRAPH, &graph);
+        cases.push(("nested", nested));
+        // A graph initializer whose raw data claims 2^63 bytes.
+        let mut tensor = Vec::new();
+        put_varint(&mut tensor, TENSOR_RAW_DATA << 3 | 2);
+        put_varint(&mut tensor, 1 << 63);
+        let mut graph = Vec::new();
+        put_bytes(&mut graph, GRAPH_INITIALIZER, &tensor);
+        let mut init = Vec::new();
+        put_bytes(&mut init, MODEL_GRAPH, &graph);
+        cases.push(("initializer", init));
+        // Which readers reach the bad length: (graph_nodes, ModelParts::read, parse_fields).
+        let reach = [(true, true, true), (true, true, true), (true, false, false), (false, true, false)];
+        for ((name, bytes), (in_nodes, in_parts, in_fields)) in cases.iter().zip(reach) {
+            let p = temp_model(name, bytes);
+            let nodes = graph_nodes(&p);
+            let parts = ModelParts::read(&p);
+            std::fs::remove_file(&p).unwrap();
+            assert_eq!(matches!(nodes, Err(Error::ModelLoad { .. })), in_nodes, "{name}: {nodes:?}");
+            assert_eq!(matches!(parts, Err(Error::ModelLoad { .. })), in_parts, "{name}");
+            assert_eq!(parse_fields(bytes).is_none(), in_fields, "{name}");
+        }
+    }
+
+    #[test]
+    fn well_formed_fields_still_parse() {
+        let mut buf = Vec::new();
+        put_bytes(&mut buf, 4, b"Add");
+        put_varint_field(&mut buf, 2, 7);
+        buf.extend_from_slice(&[1 << 3 | 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let fields = parse_fields(&buf).unwrap();
+        assert_eq!(fields.iter().map(|f| (f.number, f.wire)).collect::<Vec<_>>(), [(4, 2), (2, 0), (1, 1)]);
+        assert_eq!(fields[0].payload, b"Add");
+        // A fixed-size value cut short.
+        assert!(parse_fields(&buf[..buf.len() - 1]).is_none());
+    }
 
     #[test]
     fn lists_the_tiny_decoder_ops() {
