@@ -116,3 +116,24 @@ def test_chat_template_argument_is_used() -> None:
         chat_template="X{% for m in messages %}[{{ m.role }}:{{ m.content }}]{% endfor %}",
     )
     assert out == "X[user:Hello!]"
+
+
+_NEST = "{% set ns = namespace(v=1) %}{% for i in range(20000) %}{% set ns.v = [ns.v] %}{% endfor %}"
+
+
+def test_deeply_nested_value_tojson_is_an_error() -> None:
+    # Segfaulted: tojson recursed once per level with no limit.
+    with pytest.raises(lfm.RequestRejectedError, match="nested more than"):
+        lfm.chat.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=_NEST + "{{ ns.v | tojson }}")
+
+
+def test_deeply_nested_value_prints() -> None:
+    # Printing such a value overflowed the stack too (minijinja's Display recurses).
+    out = lfm.chat.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=_NEST + "{{ ns.v }}")
+    assert out == "[" * 20000 + "1" + "]" * 20000
+
+
+def test_runaway_template_stops() -> None:
+    spin = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    with pytest.raises(lfm.RequestRejectedError, match="fuel"):
+        lfm.chat.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=spin)

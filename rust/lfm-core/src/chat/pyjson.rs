@@ -100,7 +100,18 @@ fn newline(out: &mut String, opts: &DumpOptions, depth: usize) {
     }
 }
 
+/// Deepest nesting `tojson` writes. Python's `json.dumps` stops near its recursion limit
+/// (1000) too; a template can nest a list in itself in a loop, and without a bound the
+/// recursion below overflows the stack (a segfault, not an error).
+pub const MAX_DEPTH: usize = 512;
+
 fn write_value(out: &mut String, v: &Value, opts: &DumpOptions, depth: usize) -> Result<(), minijinja::Error> {
+    if depth > MAX_DEPTH {
+        return Err(minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("tojson: value nested more than {MAX_DEPTH} levels deep"),
+        ));
+    }
     let item_sep = if opts.indent.is_some() { opts.item_sep.trim_end() } else { opts.item_sep.as_str() };
     match v.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
@@ -192,6 +203,27 @@ mod tests {
         );
         let ascii = DumpOptions { ensure_ascii: true, ..Default::default() };
         assert!(dumps(&v, &ascii).unwrap().contains("\\u00e9"));
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let mut v = Value::from(1);
+        for _ in 0..MAX_DEPTH {
+            v = Value::from(vec![v]);
+        }
+        let s = dumps(&v, &DumpOptions::default()).unwrap();
+        assert_eq!(s.len(), 2 * MAX_DEPTH + 1);
+        // One level more is an error; far more (a stack overflow once) too.
+        let deeper = Value::from(vec![v]);
+        assert!(dumps(&deeper, &DumpOptions::default()).is_err());
+        let mut v = deeper;
+        for _ in 0..100_000 {
+            v = Value::from(vec![v]);
+        }
+        let err = dumps(&v, &DumpOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("nested more than 512 levels"), "{err}");
+        // Dropping such a value recurses as deep: leak it rather than overflow the stack.
+        std::mem::forget(v);
     }
 
     trait FromJson {

@@ -13,6 +13,20 @@ use super::strftime::Civil;
 
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// Work one render may do, in minijinja fuel (about one instruction, or 64 bytes made):
+/// the bundled template spends roughly 250 per message, so this is thousands of messages,
+/// while a runaway template (`range(10**5)` loops nested) stops within a fraction of a
+/// second with an error instead of running for hours.
+const RENDER_FUEL: u64 = 2_000_000;
+
+/// Stack of the thread a render runs on. A template can nest a list in itself once per
+/// loop turn (`{% set ns.v = [ns.v] %}`), and printing, concatenating or dropping such a
+/// value recurses once per level: about 450 bytes a level, 20 000 levels overflow an 8 MiB
+/// stack (an abort, not an error). Fuel bounds the depth (at least 4 fuel a level, so
+/// 500 000 levels); this stack holds that with room to spare. Only the pages a render
+/// touches are ever committed.
+const RENDER_STACK_BYTES: usize = 512 << 20;
+
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -96,6 +110,7 @@ impl ChatTemplate {
             .map_err(|e| Error::Internal(format!("template syntax: {e}")))?;
         env.set_syntax(syntax);
         env.set_undefined_behavior(UndefinedBehavior::Lenient);
+        env.set_fuel(Some(RENDER_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson);
         env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
@@ -121,13 +136,25 @@ impl ChatTemplate {
         bos_token: &str,
     ) -> Result<String> {
         let tmpl = self.env.get_template(TEMPLATE_NAME).map_err(template_err)?;
-        let ctx = minijinja::context! {
-            messages => Value::from(minijinja::value::Serde(messages)),
-            tools => tools.map(|t| Value::from(minijinja::value::Serde(t))),
-            add_generation_prompt => add_generation_prompt,
-            bos_token => bos_token,
+        let render = move || {
+            let ctx = minijinja::context! {
+                messages => Value::from(minijinja::value::Serde(messages)),
+                tools => tools.map(|t| Value::from(minijinja::value::Serde(t))),
+                add_generation_prompt => add_generation_prompt,
+                bos_token => bos_token,
+            };
+            tmpl.render(ctx).map_err(template_err)
         };
-        tmpl.render(ctx).map_err(template_err)
+        // On a thread of its own for the stack (see `RENDER_STACK_BYTES`); the values the
+        // template made are dropped there too.
+        std::thread::scope(|scope| {
+            let handle = std::thread::Builder::new()
+                .name("lfm-chat-template".into())
+                .stack_size(RENDER_STACK_BYTES)
+                .spawn_scoped(scope, render)
+                .map_err(|e| Error::Internal(format!("cannot start the chat template thread: {e}")))?;
+            handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
     }
 }
 
@@ -140,6 +167,23 @@ mod tests {
         let src = "a{%- generation -%} b {%- endgeneration -%}c{% generation %}d{% endgeneration %}";
         let t = ChatTemplate::new(src).unwrap();
         assert_eq!(t.render(&serde_json::json!([]), None, false, "").unwrap(), "abcd");
+    }
+
+    /// A value nested once per loop turn, 20 000 deep: printing it overflowed the stack
+    /// (a segfault), and `tojson` too. Now it prints, `tojson` refuses it, and each
+    /// render's work is bounded by fuel.
+    #[test]
+    fn deep_values_and_long_loops_end_cleanly() {
+        let nest = "{% set ns = namespace(v=1) %}{% for i in range(20000) %}{% set ns.v = [ns.v] %}{% endfor %}";
+        let m = serde_json::json!([{"role": "user", "content": "hi"}]);
+        let render = |tail: &str| ChatTemplate::new(&format!("{nest}{tail}")).unwrap().render(&m, None, true, "");
+        assert_eq!(render("{{ ns.v }}").unwrap().len(), 2 * 20000 + 1);
+        assert_eq!(render("{{ ('x' ~ ns.v) | length }} {{ ns.v | string | length }}").unwrap(), "40002 40001");
+        let err = render("{{ ns.v | tojson }}").unwrap_err().to_string();
+        assert!(err.contains("nested more than"), "{err}");
+        let spin = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+        let err = ChatTemplate::new(spin).unwrap().render(&m, None, true, "").unwrap_err().to_string();
+        assert!(err.contains("fuel"), "{err}");
     }
 
     #[test]
