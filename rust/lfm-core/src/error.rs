@@ -9,8 +9,11 @@ use std::path::PathBuf;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in lfm-core.
+///
+/// Deliberately not `#[non_exhaustive]`: the crate is workspace-internal, and the Python
+/// binding's mapping must fail to compile when a variant is added, not fall into a
+/// catch-all arm.
 #[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
 pub enum Error {
     /// An option value is out of range or of the wrong kind.
     #[error("invalid option `{field}`: got {value}, expected {expected}")]

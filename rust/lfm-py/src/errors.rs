@@ -85,7 +85,6 @@ pub fn to_py_err(py: Python<'_>, e: Error) -> PyErr {
         }
         Error::Inference { .. } => lfm_error(py, "InferenceError", msg, &[]),
         Error::Internal(_) => lfm_error(py, "InternalError", msg, &[]),
-        _ => lfm_error(py, "InternalError", format!("unmapped error: {msg}"), &[]),
     }
 }
 
