@@ -23,7 +23,9 @@ use super::resize::Kernels;
 /// vertical one needs only SSE2, which every x86-64 CPU has), AVX2 for eight horizontal
 /// pixels at a time and for normalising.
 pub(super) fn best() -> Kernels {
-    if std::arch::is_x86_feature_detected!("avx2") {
+    // The AVX2 level also runs the SSSE3 kernels (the horizontal pass' tail), so it needs
+    // both; every AVX2 CPU has SSSE3, but a VM may mask features one by one.
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("ssse3") {
         Kernels::Avx2
     } else if std::arch::is_x86_feature_detected!("ssse3") {
         Kernels::Ssse3
@@ -316,8 +318,13 @@ fn tap_pairs(w: &[i32]) -> impl Iterator<Item = (usize, usize, i32)> + '_ {
 /// One output row of the vertical pass: `dst[j] = round(sum_k w[k] * src[k * dst.len() +
 /// j])`, 32 columns at a time with AVX2 (where `wide`), then 16; columns past
 /// the last full 16 are left to `scalar(first_column)`.
+///
+/// # Safety
+///
+/// With `wide`, the CPU must have AVX2: this runs AVX2 instructions then, which a safe
+/// signature could not guard (its `sse2` feature says nothing about AVX2).
 #[target_feature(enable = "sse2")]
-pub(super) fn vertical_row(
+pub(super) unsafe fn vertical_row(
     src: &[u8],
     w: &[i32],
     dst: &mut [u8],
@@ -325,7 +332,7 @@ pub(super) fn vertical_row(
     wide: bool,
     scalar: impl FnOnce(usize, &mut [u8]),
 ) {
-    // SAFETY: `wide` only where the CPU has AVX2 (the caller's promise).
+    // SAFETY: `wide` only where the CPU has AVX2 (this function's contract).
     let done = if wide { unsafe { vertical_32(src, w, dst, rounding) } } else { 0 };
     let row_len = dst.len();
     let (bias, shift) = (_mm_set1_epi32(rounding.bias), _mm_cvtsi32_si128(rounding.precision as i32));
