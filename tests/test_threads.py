@@ -162,6 +162,15 @@ def test_ctrl_c_cancels_a_batch_promptly(engine: lfm.Engine) -> None:
     assert len(engine.generate("Hi", options=opts(4)).token_ids) == 4
 
 
+def test_a_bad_progress_argument_cancels_the_batch(engine: lfm.Engine) -> None:
+    with pytest.raises(TypeError) as info:
+        engine.generate_batch(PROMPTS, options=opts(5000, min_new_tokens=5000), progress=5)  # type: ignore[arg-type]
+    # The exception (kept alive here) must not keep the submitted requests running.
+    t0 = time.monotonic()
+    assert len(engine.generate("Hi", options=opts(4)).token_ids) == 4
+    assert time.monotonic() - t0 < 5.0, info.value
+
+
 def test_ctrl_c_during_generate(engine: lfm.Engine) -> None:
     timer = threading.Timer(0.3, _thread.interrupt_main)
     timer.start()

@@ -56,9 +56,10 @@ def collect(
     Ctrl-C (KeyboardInterrupt) cancels everything still running, then propagates."""
     from .results import Generation as Gen
 
-    report = progress_callback(progress, len(handles))
     out: list[Any] = []
     try:
+        # Inside the try: a bad ``progress`` cancels what was submitted, as Ctrl-C does.
+        report = progress_callback(progress, len(handles))
         for i, h in enumerate(handles):
             if isinstance(h, BaseException):
                 out.append(h)
