@@ -15,7 +15,7 @@ use crate::options::{EngineOptions, RequestOptions};
 use crate::preproc::decode::{DecodeLimits, decode, probe};
 use crate::preproc::pixels::{Padding, preprocess_padded};
 use crate::preproc::{Preprocessor, RgbImage, TileGrid, expand_placeholders};
-use crate::request::{Cancel, Generation, ImageSource, Timings};
+use crate::request::{Cancel, Generation, ImageSource, Timings, Usage};
 use crate::runtime::{HybridCache, Model, ModelSpec, SessionConfig};
 use crate::sequence::{Sequence, Step, TextSink};
 use crate::tokenizer::TextTokenizer;
@@ -214,12 +214,21 @@ impl Engine {
     }
 
     /// Decodes and preprocesses each image, runs the vision encoder once per image, and
-    /// returns the prompt embeddings with image features spliced in at `<image>` positions.
-    fn prompt_embeddings(&self, prepared: &Prepared, timings: &mut Timings) -> Result<Vec<f32>> {
+    /// returns the prompt embeddings with image features spliced in at `<image>` positions;
+    /// `None` when `stop` says so before an image.
+    fn prompt_embeddings(
+        &self,
+        prepared: &Prepared,
+        timings: &mut Timings,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Option<Vec<f32>>> {
         let hidden = self.model.spec.hidden;
         let dl = DecodeLimits::from(&self.options.limits);
         let mut features: Vec<f32> = Vec::with_capacity(prepared.image_tokens * hidden);
         for img in &prepared.images {
+            if stop() {
+                return Ok(None);
+            }
             let t = Instant::now();
             let decoded;
             let pixels: &RgbImage = match &img.source {
@@ -253,23 +262,32 @@ impl Engine {
             embeds[pos * hidden..(pos + 1) * hidden].copy_from_slice(row);
         }
         timings.prefill_s += t.elapsed().as_secs_f64();
-        Ok(embeds)
+        Ok(Some(embeds))
     }
 
-    /// Runs the prompt through the decoder: the cache and the next-token logits.
-    fn prefill(&self, prepared: &Prepared, timings: &mut Timings) -> Result<(HybridCache, Vec<f32>)> {
-        let embeds = self.prompt_embeddings(prepared, timings)?;
+    /// Runs the prompt through the decoder: the cache and the next-token logits, or `None`
+    /// when `stop` says so between images or prompt chunks (a cancelled request).
+    fn prefill(
+        &self,
+        prepared: &Prepared,
+        timings: &mut Timings,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Option<(HybridCache, Vec<f32>)>> {
+        let Some(embeds) = self.prompt_embeddings(prepared, timings, stop)? else { return Ok(None) };
         let t = Instant::now();
         let mut cache = self.model.new_cache()?;
-        let logits = self.model.prefill(embeds, &mut cache)?;
+        let logits = self.model.prefill_until(embeds, &mut cache, stop)?;
         timings.prefill_s += t.elapsed().as_secs_f64();
-        Ok((cache, logits))
+        Ok(logits.map(|l| (cache, l)))
     }
 
     /// The raw logits row for the token after the prompt.
     pub fn next_token_logits(&self, messages: &Value, images: Vec<ImageSource>) -> Result<Vec<f32>> {
         let prepared = self.prepare(messages, images, 0)?;
-        Ok(self.prefill(&prepared, &mut Timings::default())?.1)
+        let (_, logits) = self
+            .prefill(&prepared, &mut Timings::default(), &|| false)?
+            .ok_or_else(|| Error::Internal("a prefill that cannot stop stopped".into()))?;
+        Ok(logits)
     }
 
     fn next_seed(&self, opts: &RequestOptions) -> u64 {
@@ -291,7 +309,8 @@ impl Engine {
     }
 
     /// Checks options, compiles the grammar, admits and prefills a request: a sequence
-    /// ready for its first decode step, its cache, and the logits of that step.
+    /// ready for its first decode step, its cache, and the logits of that step; or, when
+    /// `cancel` fires between its images or prompt chunks, its cancelled generation.
     pub fn start(
         &self,
         messages: &Value,
@@ -300,7 +319,7 @@ impl Engine {
         grammar: Option<&Grammar>,
         cancel: Cancel,
         sink: Option<TextSink>,
-    ) -> Result<(Sequence, HybridCache, Vec<f32>)> {
+    ) -> Result<Started> {
         opts.validate()?;
         // A stop string would end constrained output wherever it appears, complete or not;
         // the grammar decides where such output ends.
@@ -314,7 +333,15 @@ impl Engine {
         let constraint = grammar.map(|g| self.constraint(g)).transpose()?;
         let prepared = self.prepare(messages, images, opts.max_new_tokens)?;
         let mut timings = Timings { preprocess_s: prepared.preprocess_s, ..Timings::default() };
-        let (cache, logits) = self.prefill(&prepared, &mut timings)?;
+        let stop = || cancel.is_cancelled();
+        let Some((cache, logits)) = self.prefill(&prepared, &mut timings, &stop)? else {
+            let usage = Usage {
+                prompt_tokens: prepared.prompt_ids.len(),
+                image_tokens: prepared.image_tokens,
+                completion_tokens: 0,
+            };
+            return Ok(Started::Cancelled(Generation::cancelled(usage, timings)));
+        };
         let seq = Sequence::new(
             opts.clone(),
             self.next_seed(opts),
@@ -326,7 +353,7 @@ impl Engine {
             sink,
             timings,
         );
-        Ok((seq, cache, logits))
+        Ok(Started::Ready(Box::new(Prefilled { seq, cache, logits })))
     }
 
     /// Generates a reply to `messages` on the calling thread, alone (no batching),
@@ -340,7 +367,11 @@ impl Engine {
         cancel: &Cancel,
         sink: Option<TextSink>,
     ) -> Result<Generation> {
-        let (mut seq, mut cache, mut logits) = self.start(messages, images, opts, grammar, cancel.clone(), sink)?;
+        let (mut seq, mut cache, mut logits) =
+            match self.start(messages, images, opts, grammar, cancel.clone(), sink)? {
+                Started::Ready(p) => (p.seq, p.cache, p.logits),
+                Started::Cancelled(g) => return Ok(g),
+            };
         let reason = loop {
             match seq.advance(&mut logits, &self.tokenizer)? {
                 Step::Finished(r) => break r,
@@ -352,4 +383,18 @@ impl Engine {
         };
         seq.finish(reason, &self.tokenizer)
     }
+}
+
+/// What [`Engine::start`] gives.
+pub enum Started {
+    Ready(Box<Prefilled>),
+    /// Cancelled (or timed out) before its prompt was through: nothing generated.
+    Cancelled(Generation),
+}
+
+/// A prefilled request: the sequence, its cache, and the logits of its first decode step.
+pub struct Prefilled {
+    pub seq: Sequence,
+    pub cache: HybridCache,
+    pub logits: Vec<f32>,
 }

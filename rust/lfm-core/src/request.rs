@@ -95,14 +95,15 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// A request cancelled (or timed out) before any model work: nothing generated.
-    pub fn cancelled_before_start() -> Generation {
+    /// A request cancelled (or timed out) before it generated anything: `usage` and
+    /// `timings` say how far it got (all zero before any model work).
+    pub fn cancelled(usage: Usage, timings: Timings) -> Generation {
         Generation {
             text: String::new(),
             token_ids: Vec::new(),
             finish_reason: FinishReason::Cancelled,
-            usage: Usage::default(),
-            timings: Timings::default(),
+            usage,
+            timings,
             field_ends: Vec::new(),
         }
     }

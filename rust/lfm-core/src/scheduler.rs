@@ -12,11 +12,11 @@ use std::sync::{Arc, Mutex};
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Started};
 use crate::error::{Error, Result, catch_panic};
 use crate::grammar::Grammar;
 use crate::options::{Batching, RequestOptions};
-use crate::request::{Cancel, Generation, ImageSource};
+use crate::request::{Cancel, Generation, ImageSource, Timings, Usage};
 use crate::runtime::tensor::check_finite;
 use crate::runtime::{BatchCache, BatchSemantics, HybridCache};
 use crate::sequence::{Sequence, Step, TextSink};
@@ -128,7 +128,7 @@ impl Worker {
                     waiting.drain(..).partition(|job| job.cancel.is_cancelled());
                 waiting = kept;
                 for job in cancelled {
-                    (job.reply)(Ok(Generation::cancelled_before_start()));
+                    (job.reply)(Ok(Generation::cancelled(Usage::default(), Timings::default())));
                 }
             }
             // Admit one request per step, so running sequences keep flowing while new ones
@@ -149,12 +149,13 @@ impl Worker {
     fn admit(&mut self, job: Job) {
         let Job { messages, images, options, grammar, cancel, sink, reply } = job;
         if cancel.is_cancelled() {
-            return reply(Ok(Generation::cancelled_before_start()));
+            return reply(Ok(Generation::cancelled(Usage::default(), Timings::default())));
         }
         let started =
             catch_panic("prefill", || self.engine.start(&messages, images, &options, grammar.as_ref(), cancel, sink));
         let (seq, cache, logits) = match started {
-            Ok(x) => x,
+            Ok(Started::Ready(p)) => (p.seq, p.cache, p.logits),
+            Ok(Started::Cancelled(g)) => return reply(Ok(g)),
             Err(e) => return reply(Err(e)),
         };
         let joined = match &mut self.caches {

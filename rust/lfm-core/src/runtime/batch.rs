@@ -428,8 +428,15 @@ impl Model {
     /// Prefills `embeds` (`[positions * hidden]`) into the fresh `cache` in chunks of
     /// `chunk` positions, through key/value tensors as wide as the whole prompt that the
     /// attention fills in place: no chunk copies the keys and values before it, and the
-    /// prompt's are never held twice. Returns the last position's logits.
-    pub(super) fn prefill_in_place(&self, embeds: &[f32], chunk: usize, cache: &mut HybridCache) -> Result<Vec<f32>> {
+    /// prompt's are never held twice. Returns the last position's logits, or `None` when
+    /// `stop` says so before a chunk after the first (`cache` is then unusable).
+    pub(super) fn prefill_in_place(
+        &self,
+        embeds: &[f32],
+        chunk: usize,
+        cache: &mut HybridCache,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Option<Vec<f32>>> {
         let s = &self.spec;
         let positions = embeds.len() / s.hidden;
         if cache.past_len != 0 || positions == 0 {
@@ -456,6 +463,9 @@ impl Model {
         let mut logits = Vec::new();
         let mut done = 0;
         for part in embeds.chunks(chunk * s.hidden) {
+            if done > 0 && stop() {
+                return Ok(None);
+            }
             let seq = part.len() / s.hidden;
             let x = float_value(STAGE, s.embeds_float, &[1, seq, s.hidden], part.to_vec())?;
             let mask = i64_value(STAGE, &[1, done + seq], vec![1; done + seq])?;
@@ -466,7 +476,7 @@ impl Model {
         }
         cache.layers = one.layers;
         cache.past_len = positions;
-        Ok(logits)
+        Ok(Some(logits))
     }
 
     /// A decoder step whose key/value outputs are bound to the key/value inputs, so the

@@ -376,7 +376,9 @@ impl Model {
         let mut whole = self.new_cache()?;
         let want = self.run_positions(embeds.clone(), POSITIONS, &mut whole, Memory::Keep)?;
         let mut chunked = self.new_cache()?;
-        let got = self.prefill_in_place(&embeds, POSITIONS / 3, &mut chunked)?;
+        let got = self
+            .prefill_in_place(&embeds, POSITIONS / 3, &mut chunked, &|| false)?
+            .ok_or_else(|| Error::Internal("an in-place prefill that cannot stop stopped".into()))?;
         let diff = relative_difference(&want, &got);
         let tolerance = if self.spec.kv_float == FloatType::F16 { 4e-3 } else { 1e-4 };
         if diff > tolerance {
@@ -684,22 +686,41 @@ impl Model {
     /// the same result, with the attention scores of a chunk (not the whole prompt) in
     /// memory.
     pub fn prefill(&self, embeds: Vec<f32>, cache: &mut HybridCache) -> Result<Vec<f32>> {
+        self.prefill_until(embeds, cache, &|| false)?
+            .ok_or_else(|| Error::Internal("a prefill that cannot stop stopped".into()))
+    }
+
+    /// `prefill`, asking `stop` before each chunk of a long prompt: `None` (and `cache`
+    /// unusable) once it says yes, so a cancelled request does not wait for its whole
+    /// prompt.
+    pub fn prefill_until(
+        &self,
+        embeds: Vec<f32>,
+        cache: &mut HybridCache,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Option<Vec<f32>>> {
         let hidden = self.spec.hidden;
         let positions = embeds.len() / hidden;
+        if stop() {
+            return Ok(None);
+        }
         if self.spec.prefill == Prefill::OneRun || positions <= PREFILL_CHUNK {
-            return self.decode(embeds, positions, cache);
+            return self.decode(embeds, positions, cache).map(Some);
         }
         if self.spec.prefill == Prefill::InPlace && cache.past_len == 0 {
-            return self.prefill_in_place(&embeds, PREFILL_CHUNK, cache);
+            return self.prefill_in_place(&embeds, PREFILL_CHUNK, cache, stop);
         }
         let mut logits = Vec::new();
         let chunks = positions.div_ceil(PREFILL_CHUNK);
         for (i, part) in embeds.chunks(PREFILL_CHUNK * hidden).enumerate() {
+            if i > 0 && stop() {
+                return Ok(None);
+            }
             // One chunk's working memory serves the next; it goes back after the last.
             let memory = if i + 1 == chunks { Memory::Release } else { Memory::Keep };
             logits = self.run_positions(part.to_vec(), part.len() / hidden, cache, memory)?;
         }
-        Ok(logits)
+        Ok(Some(logits))
     }
 
     /// Runs the decoder on `seq` new positions (`embeds` is `[seq * hidden]`), advances
