@@ -313,6 +313,30 @@ def test_plan_side_over_u32_is_refused(size: tuple[int, int]) -> None:
     assert str(max(size)) in str(ei.value)
 
 
+@pytest.mark.parametrize(("size", "field"), [((-1, 10), "width"), ((10, -5), "height"), ((2**70, 10), "width")])
+def test_plan_sizes_out_of_any_range_are_image_errors(size: tuple[int, int], field: str) -> None:
+    # A negative side was a bare ValueError and one past 2**63 an OverflowError.
+    with pytest.raises(lfm.ImageError) as ei:
+        lfm.preproc.plan(*size)
+    assert (ei.value.field, ei.value.value) == (field, str(min(size) if min(size) < 0 else max(size)))
+
+
+@pytest.mark.parametrize(
+    "grid",
+    [
+        {"rows": -1, "cols": 1, "tile": (512, 512)},
+        {"rows": 1, "cols": 2**40, "tile": (512, 512)},
+        {"rows": 1, "cols": 1, "tile": (-32, 512)},
+        {"rows": 1, "cols": 1, "tile": (512, 512), "thumbnail": (512, -32)},
+    ],
+)
+def test_tilegrid_negative_or_huge_counts_are_option_errors(grid: dict[str, Any]) -> None:
+    # These raised a bare OverflowError converting to Rust's unsigned integers.
+    with pytest.raises(lfm.InvalidOptionsError) as ei:
+        lfm.preproc.TileGrid(**grid)
+    assert ei.value.field in ("rows", "cols", "tile", "thumbnail")
+
+
 def test_plan_largest_sides_do_not_wrap() -> None:
     # (2**32 - 1)**2 wrapped the area computation: a 1x1 grid came back.
     g = lfm.preproc.plan(2**32 - 1, 2**32 - 1)

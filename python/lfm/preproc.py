@@ -12,6 +12,7 @@ import numpy as np
 
 from . import _lfm
 from ._images import ImageLike, to_core
+from .errors import ImageError, InvalidOptionsError, LfmError
 from .options import ImageBudget, coerce
 
 
@@ -29,6 +30,13 @@ class TileGrid:
         object.__setattr__(self, "tile", tuple(self.tile))
         if self.thumbnail is not None:
             object.__setattr__(self, "thumbnail", tuple(self.thumbnail))
+        _sizes(
+            InvalidOptionsError,
+            ("rows", self.rows),
+            ("cols", self.cols),
+            *(("tile", v) for v in self.tile),
+            *(("thumbnail", v) for v in self.thumbnail or ()),
+        )
         entries, tokens = _lfm.grid_info(self.rows, self.cols, self.tile, self.thumbnail)
         object.__setattr__(self, "_entries", entries)
         object.__setattr__(self, "_tokens", tokens)
@@ -46,6 +54,20 @@ class TileGrid:
         return n
 
 
+_MAX_SIDE = 2**32 - 1
+
+
+def _sizes(error: type[LfmError], *named: tuple[str, object]) -> None:
+    """Refuses a negative or over-large count with ``error`` naming it (at the Rust boundary
+    such ints raise a bare ``OverflowError``); non-integers stay a ``TypeError`` there."""
+    for field, value in named:
+        if isinstance(value, int) and not 0 <= value <= _MAX_SIDE:
+            below = value < 0
+            err = error(f"{field} is {value}, {'below 0' if below else f'over the limit of {_MAX_SIDE}'}")
+            err.field, err.value, err.limit = field, str(value), "at least 0" if below else str(_MAX_SIDE)
+            raise err
+
+
 def _grid(t: tuple[int, int, tuple[int, int], tuple[int, int] | None]) -> TileGrid:
     return TileGrid(rows=t[0], cols=t[1], tile=t[2], thumbnail=t[3])
 
@@ -57,6 +79,7 @@ def _budget_json(budget: ImageBudget | Mapping[str, Any] | None) -> str:
 def plan(width: int, height: int, budget: ImageBudget | Mapping[str, Any] | None = None) -> TileGrid:
     """The tile plan for an image of ``width x height`` pixels (width first). ``budget`` is
     an ``ImageBudget``, a plain dict of its fields, or None (the defaults)."""
+    _sizes(ImageError, ("width", width), ("height", height))
     return _grid(_lfm.plan(width, height, _budget_json(budget)))
 
 
