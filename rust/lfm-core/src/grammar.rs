@@ -187,29 +187,12 @@ fn grammar_err(e: impl std::fmt::Display) -> Error {
     Error::Grammar { detail: e.to_string() }
 }
 
-/// Stack for compiling a grammar: llguidance's compiler recurses once per level of rule
-/// or schema nesting, so a deep grammar would overflow a thread's usual stack (8 MiB for
-/// a main thread, 2 MiB for others) and kill the process. Reserved, not committed: only
-/// the pages a compile touches are used.
-pub(crate) const COMPILE_STACK_BYTES: usize = 512 << 20;
-
-/// Runs `f` on a thread with `COMPILE_STACK_BYTES` of stack and waits for it.
-fn on_compile_stack<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    std::thread::scope(|s| {
-        std::thread::Builder::new()
-            .name("lfm-grammar".into())
-            .stack_size(COMPILE_STACK_BYTES)
-            .spawn_scoped(s, f)
-            .map_err(|e| Error::Internal(format!("grammar compile thread: {e}")))?
-            .join()
-            .map_err(|_| Error::Internal("grammar compile thread panicked".into()))?
-    })
-}
-
 impl Constraint {
     fn new(factory: &ParserFactory, grammar: &Grammar) -> Result<Constraint> {
-        let parser =
-            on_compile_stack(|| catch_panic("grammar compile", || Ok(factory.create_parser(grammar.top_level()))))?;
+        // llguidance's compiler recurses once per level of nesting (`deep_stack`).
+        let parser = crate::deep_stack::run("lfm-grammar", || {
+            catch_panic("grammar compile", || Ok(factory.create_parser(grammar.top_level())))
+        })?;
         let matcher = Matcher::new(parser);
         if let Some(e) = matcher.get_error() {
             return Err(grammar_err(format!("{} grammar rejected: {e}", grammar.kind())));

@@ -14,6 +14,8 @@ pub mod admission;
 #[cfg(feature = "inference")]
 pub mod chat;
 #[cfg(feature = "inference")]
+mod deep_stack;
+#[cfg(feature = "inference")]
 pub mod engine;
 #[cfg(feature = "inference")]
 pub mod field_ends;

@@ -63,7 +63,7 @@ impl Scheduler {
         std::thread::Builder::new()
             .name("lfm-scheduler".into())
             // Grammar matchers run here too; as deep as their compile may go.
-            .stack_size(crate::grammar::COMPILE_STACK_BYTES)
+            .stack_size(crate::deep_stack::STACK_BYTES)
             .spawn(move || Worker::new(engine, reason, counters).run(rx))
             .ok();
         Scheduler { tx, fallback_reason, stats }

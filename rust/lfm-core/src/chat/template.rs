@@ -19,14 +19,6 @@ const TEMPLATE_NAME: &str = "chat_template";
 /// second with an error instead of running for hours.
 const RENDER_FUEL: u64 = 2_000_000;
 
-/// Stack of the thread a render runs on. A template can nest a list in itself once per
-/// loop turn (`{% set ns.v = [ns.v] %}`), and printing, concatenating or dropping such a
-/// value recurses once per level: about 450 bytes a level, 20 000 levels overflow an 8 MiB
-/// stack (an abort, not an error). Fuel bounds the depth (at least 4 fuel a level, so
-/// 500 000 levels); this stack holds that with room to spare. Only the pages a render
-/// touches are ever committed.
-const RENDER_STACK_BYTES: usize = 512 << 20;
-
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -145,16 +137,12 @@ impl ChatTemplate {
             };
             tmpl.render(ctx).map_err(template_err)
         };
-        // On a thread of its own for the stack (see `RENDER_STACK_BYTES`); the values the
-        // template made are dropped there too.
-        std::thread::scope(|scope| {
-            let handle = std::thread::Builder::new()
-                .name("lfm-chat-template".into())
-                .stack_size(RENDER_STACK_BYTES)
-                .spawn_scoped(scope, render)
-                .map_err(|e| Error::Internal(format!("cannot start the chat template thread: {e}")))?;
-            handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
+        // A template can nest a list in itself once per loop turn (`{% set ns.v = [ns.v] %}`),
+        // and printing, concatenating or dropping such a value recurses once per level
+        // (~450 bytes; 20 000 levels overflow an 8 MiB stack). Fuel bounds the depth (at
+        // least 4 fuel a level); `deep_stack` holds what it allows. The values the template
+        // made are dropped there too.
+        crate::deep_stack::run("lfm-chat-template", render)
     }
 }
 
