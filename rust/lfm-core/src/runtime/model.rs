@@ -229,6 +229,10 @@ fn kv_in_place(layers: &[LayerKind], nodes: &[super::onnx_proto::GraphNode]) -> 
 /// Whether a graph quantizes activations with scales computed from each call's values
 /// (`DynamicQuantizeLinear` and its fused forms): its results then depend on what shares a
 /// call.
+fn quantizes_activations(nodes: &[super::onnx_proto::GraphNode]) -> bool {
+    nodes.iter().any(|n| n.op.starts_with("DynamicQuantize"))
+}
+
 /// How many positions the decoder's rotary tables cover, where its attention reads them
 /// from constant tables (GroupQueryAttention's `cos_cache`: a position past its rows fails
 /// the whole decoder call, every sequence batched with it included).
@@ -239,10 +243,6 @@ fn rotary_positions(path: &Path, nodes: &[super::onnx_proto::GraphNode]) -> Resu
     let Some(parts) = super::onnx_proto::ModelParts::read(path)? else { return Ok(None) };
     let view = super::graph_view::View::new(&parts);
     Ok(view.initializers.get(table).and_then(|dims| dims.first()).map(|&rows| rows.max(0) as usize))
-}
-
-fn quantizes_activations(nodes: &[super::onnx_proto::GraphNode]) -> bool {
-    nodes.iter().any(|n| n.op.starts_with("DynamicQuantize"))
 }
 
 /// The loaded graphs.
@@ -319,11 +319,12 @@ impl Model {
             let window = window && !switched_off("LFM_NO_PREFILL_WINDOW");
             for window in if window { vec![true, false] } else { vec![false] } {
                 let Some(r) = super::last_position::slice_to_last_position(&paths.decoder, window)? else { break };
-                if window && r.window_ops == 0 {
-                    continue;
-                }
                 if let Ok(graph) = Graph::load_with(&paths.decoder, config, warnings, Some(&r.bytes)) {
                     return Ok((graph, (r.tail_ops, r.window_ops)));
+                }
+                // Without a window this was already the plain tail rewrite.
+                if r.window_ops == 0 {
+                    break;
                 }
             }
         }
@@ -351,15 +352,16 @@ impl Model {
             got = self.run_positions(piece.to_vec(), piece.len() / self.spec.hidden, &mut pieces, Memory::Keep)?;
         }
         got.extend(self.run_positions(next.to_vec(), 1, &mut pieces, Memory::Keep)?);
-        let diff = relative_difference(&want, &got);
+        self.check_logits_agree(&want, &got, "a prompt's last positions alone give logits", "the whole prompt")
+    }
+
+    /// Fails unless `got` equals `want` to rounding (a few half-precision steps for fp16
+    /// caches), saying `what` and apart from `reference` how far (relative).
+    fn check_logits_agree(&self, want: &[f32], got: &[f32], what: &str, reference: &str) -> Result<()> {
+        let diff = relative_difference(want, got);
         let tolerance = if self.spec.kv_float == FloatType::F16 { 4e-3 } else { 1e-4 };
         if diff > tolerance {
-            return Err(Error::inference(
-                "decoder",
-                format!(
-                    "a prompt's last positions alone give logits {diff:.2e} apart from the whole prompt (relative)"
-                ),
-            ));
+            return Err(Error::inference("decoder", format!("{what} {diff:.2e} apart from {reference} (relative)")));
         }
         Ok(())
     }
@@ -379,15 +381,7 @@ impl Model {
         let got = self
             .prefill_in_place(&embeds, POSITIONS / 3, &mut chunked, &|| false)?
             .ok_or_else(|| Error::Internal("an in-place prefill that cannot stop stopped".into()))?;
-        let diff = relative_difference(&want, &got);
-        let tolerance = if self.spec.kv_float == FloatType::F16 { 4e-3 } else { 1e-4 };
-        if diff > tolerance {
-            return Err(Error::inference(
-                "decoder",
-                format!("chunks prefilled in place give logits {diff:.2e} apart from one run (relative)"),
-            ));
-        }
-        Ok(())
+        self.check_logits_agree(&want, &got, "chunks prefilled in place give logits", "one run")
     }
 
     /// The vision encoder, with its attention and GELU fused into ONNX Runtime's kernels
