@@ -301,6 +301,17 @@ def test_generate_batch_refuses_one_conversation(engine: lfm.Engine, messages: o
     assert info.value.field == "images"
 
 
+def test_images_none_is_no_images(engine: lfm.Engine) -> None:
+    """``images=None`` (for a request, or for one conversation of a batch) means no images,
+    as ``()`` does; a batch whose image lists do not match its conversations is refused."""
+    assert engine.encode_prompt("Describe.", None) == engine.encode_prompt("Describe.")
+    out = engine.generate_batch(["a", "b"], images=[None, ()], options={"max_new_tokens": 1})
+    assert all(isinstance(g, lfm.Generation) for g in out), out
+    with pytest.raises(lfm.RequestRejectedError, match="1 entries for 2 conversations") as info:
+        engine.generate_batch(["a", "b"], images=[None], options={"max_new_tokens": 1})
+    assert (info.value.field, info.value.value, info.value.limit) == ("images", "1", "2")
+
+
 @pytest.mark.parametrize("item", _single_images(), ids=lambda v: type(v).__name__)
 def test_run_batch_refuses_one_item(engine: lfm.Engine, item: object) -> None:
     task = lfm.JsonTask({"type": "string", "maxLength": 3}, "x")

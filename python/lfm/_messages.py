@@ -14,6 +14,8 @@ from ._images import ImageLike, to_core
 from .errors import RequestRejectedError
 
 Messages = str | Sequence[Mapping[str, Any]]
+# A request's images; None is none.
+Images = Iterable[ImageLike] | None
 
 
 def rejected(message: str, field: str, value: object, limit: object) -> RequestRejectedError:
@@ -44,12 +46,15 @@ def check_image_list(images: object, argument: str = "images") -> None:
         )
 
 
-def prepare(messages: Messages, images: Iterable[ImageLike] = ()) -> tuple[str, list[Any]]:
+def prepare(messages: Messages, images: Images = ()) -> tuple[str, list[Any]]:
     """Binds images to image parts and returns ``(messages_json, core_images)``.
 
     A ``str`` is one user turn: the images, in order, then the text. Otherwise each image
     part takes its own ``"image"`` when it has one, else the next of ``images``.
+    ``images=None`` is no images.
     """
+    if images is None:
+        images = ()
     check_image_list(images)
     pool = list(images)
     if isinstance(messages, str):

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,7 +15,7 @@ import numpy as np
 from . import _lfm, _ort
 from ._batch import Progress, collect
 from ._images import ImageLike
-from ._messages import Messages, is_one_image, prepare, rejected, template_json
+from ._messages import Images, Messages, is_one_image, prepare, rejected, template_json
 from .bundled import check_against_bundled
 from .errors import LfmError, LfmWarning, ParseError
 from .grammar import Grammar
@@ -131,7 +131,7 @@ class Engine:
     def generate(
         self,
         messages: Messages,
-        images: Iterable[ImageLike] = (),
+        images: Images = (),
         options: RequestOptions | Mapping[str, Any] | None = None,
         grammar: Grammar | None = None,
     ) -> Generation:
@@ -144,9 +144,7 @@ class Engine:
         d = self._check_process().generate(text, imgs, json.dumps(opts.to_dict()), _grammar_spec(grammar))
         return Generation._from_core(d)
 
-    def _submit(
-        self, messages: Messages, images: Iterable[ImageLike], options: Any, grammar: Grammar | None, text: bool
-    ) -> Any:
+    def _submit(self, messages: Messages, images: Images, options: Any, grammar: Grammar | None, text: bool) -> Any:
         opts = coerce(RequestOptions, options)
         msg, imgs = prepare(messages, images)
         return self._check_process().stream(msg, imgs, json.dumps(opts.to_dict()), _grammar_spec(grammar), text)
@@ -154,7 +152,7 @@ class Engine:
     def generate_batch(
         self,
         messages: Sequence[Messages],
-        images: Sequence[Iterable[ImageLike]] | None = None,
+        images: Sequence[Images] | None = None,
         options: RequestOptions | Mapping[str, Any] | None = None,
         grammar: Grammar | None = None,
         progress: Progress = False,
@@ -181,7 +179,13 @@ class Engine:
                 "a list of image lists",
             )
         if images is not None and len(images) != len(messages):
-            raise ValueError(f"images has {len(images)} entries for {len(messages)} conversations")
+            raise rejected(
+                f"images has {len(images)} entries for {len(messages)} conversations; give one (possibly empty) "
+                "list of images per conversation",
+                "images",
+                len(images),
+                len(messages),
+            )
         handles: list[Any] = []
         for i, m in enumerate(messages):
             try:
@@ -221,7 +225,7 @@ class Engine:
     async def agenerate(
         self,
         messages: Messages,
-        images: Iterable[ImageLike] = (),
+        images: Images = (),
         options: RequestOptions | Mapping[str, Any] | None = None,
         grammar: Grammar | None = None,
     ) -> Generation:
@@ -239,7 +243,7 @@ class Engine:
     async def arun(
         self,
         task: Task[Out],
-        images: Iterable[ImageLike] = (),
+        images: Images = (),
         options: RequestOptions | Mapping[str, Any] | None = None,
     ) -> Out:
         """``run`` for asyncio."""
@@ -249,7 +253,7 @@ class Engine:
     def stream(
         self,
         messages: Messages,
-        images: Iterable[ImageLike] = (),
+        images: Images = (),
         options: RequestOptions | Mapping[str, Any] | None = None,
         grammar: Grammar | None = None,
     ) -> TextStream:
@@ -261,7 +265,7 @@ class Engine:
     def run(
         self,
         task: Task[Out],
-        images: Iterable[ImageLike] = (),
+        images: Images = (),
         options: RequestOptions | Mapping[str, Any] | None = None,
     ) -> Out:
         """Runs a task: one user turn (the images, then ``task.prompt()``), decoded under
@@ -270,13 +274,13 @@ class Engine:
         gen = self.generate(task.prompt(), images, options, grammar=task.grammar())
         return _parse(task, gen)
 
-    def encode_prompt(self, messages: Messages, images: Iterable[ImageLike] = ()) -> list[int]:
+    def encode_prompt(self, messages: Messages, images: Images = ()) -> list[int]:
         """The full prompt ids after image expansion."""
         text, imgs = prepare(messages, images)
         ids: list[int] = self._check_process().encode_prompt(text, imgs)
         return ids
 
-    def next_token_logits(self, messages: Messages, images: Iterable[ImageLike] = ()) -> np.ndarray:
+    def next_token_logits(self, messages: Messages, images: Images = ()) -> np.ndarray:
         """The raw logits row (float32, full width) for the token after the prompt."""
         text, imgs = prepare(messages, images)
         row: np.ndarray = self._check_process().next_token_logits(text, imgs)
