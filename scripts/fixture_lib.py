@@ -447,6 +447,32 @@ def _finalize_onnx(path):
     onnx.save(m, path, save_as_external_data=False)
 
 
+def _decoder_export_args(tc, g):
+    """Input/output names, example inputs (a 3-position cache; drawn from ``g`` in the
+    order the exports always drew them) and dynamic axes of ``decoder_model_merged.onnx``."""
+    import torch
+
+    ins, outs = decoder_io_names(tc.layer_types)
+    hd = tc.hidden_size // tc.num_attention_heads
+    past = []
+    for t in tc.layer_types:
+        if t == "conv":
+            past.append(torch.randn(1, tc.hidden_size, tc.conv_L_cache, generator=g))
+        else:
+            past += [torch.randn(1, tc.num_key_value_heads, 3, hd, generator=g) for _ in range(2)]
+    example = (torch.randn(1, 2, tc.hidden_size, generator=g), torch.ones(1, 5, dtype=torch.long), *past)
+    dyn = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
+           "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+           "logits": {0: "batch_size", 1: "sequence_length"}}
+    for n in ins[2:]:
+        dyn[n] = {0: "batch_size"} if n.startswith("past_conv") else \
+            {0: "batch_size", 2: "past_sequence_length"}
+    for n in outs[1:]:
+        dyn[n] = {0: "batch_size"} if n.startswith("present_conv") else \
+            {0: "batch_size", 2: "total_sequence_length"}
+    return ins, outs, example, dyn
+
+
 def export_onnx(model, outdir: str, opset: int = 18):
     """Export the three graphs with the legacy (TorchScript) exporter."""
     import warnings
@@ -485,27 +511,11 @@ def export_onnx(model, outdir: str, opset: int = 18):
                       "image_features": {0: "num_image_tokens"}}, **common)
     _finalize_onnx(p)
 
-    ins, outs = decoder_io_names(tc.layer_types)
-    hd = tc.hidden_size // tc.num_attention_heads
-    past = []
-    for t in tc.layer_types:
-        if t == "conv":
-            past.append(torch.randn(1, tc.hidden_size, tc.conv_L_cache, generator=g))
-        else:
-            past += [torch.randn(1, tc.num_key_value_heads, 3, hd, generator=g) for _ in range(2)]
-    dyn = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
-           "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
-           "logits": {0: "batch_size", 1: "sequence_length"}}
-    for n in ins[2:]:
-        dyn[n] = {0: "batch_size"} if n.startswith("past_conv") else \
-            {0: "batch_size", 2: "past_sequence_length"}
-    for n in outs[1:]:
-        dyn[n] = {0: "batch_size"} if n.startswith("present_conv") else \
-            {0: "batch_size", 2: "total_sequence_length"}
+    ins, outs, example, dyn = _decoder_export_args(tc, g)
     p = os.path.join(outdir, "decoder_model_merged.onnx")
     torch.onnx.export(
         DecoderMerged(model).eval(),
-        (torch.randn(1, 2, tc.hidden_size, generator=g), torch.ones(1, 5, dtype=torch.long), *past),
+        example,
         p, input_names=ins, output_names=outs, dynamic_axes=dyn, **common)
     _finalize_onnx(p)
 
@@ -655,27 +665,11 @@ def export_gqa_decoder(model, outdir: str, opset: int = 18, max_positions: int =
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
     g = torch.Generator().manual_seed(0)
-    ins, outs = decoder_io_names(tc.layer_types)
-    hd = tc.hidden_size // tc.num_attention_heads
-    past = []
-    for t in tc.layer_types:
-        if t == "conv":
-            past.append(torch.randn(1, tc.hidden_size, tc.conv_L_cache, generator=g))
-        else:
-            past += [torch.randn(1, tc.num_key_value_heads, 3, hd, generator=g) for _ in range(2)]
-    dyn = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
-           "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
-           "logits": {0: "batch_size", 1: "sequence_length"}}
-    for n in ins[2:]:
-        dyn[n] = {0: "batch_size"} if n.startswith("past_conv") else \
-            {0: "batch_size", 2: "past_sequence_length"}
-    for n in outs[1:]:
-        dyn[n] = {0: "batch_size"} if n.startswith("present_conv") else \
-            {0: "batch_size", 2: "total_sequence_length"}
+    ins, outs, example, dyn = _decoder_export_args(tc, g)
     p = os.path.join(outdir, "decoder_model_merged.onnx")
     torch.onnx.export(
         DecoderMergedGQA(model, max_positions).eval(),
-        (torch.randn(1, 2, tc.hidden_size, generator=g), torch.ones(1, 5, dtype=torch.long), *past),
+        example,
         p, input_names=ins, output_names=outs, dynamic_axes=dyn, opset_version=opset, dynamo=False,
         do_constant_folding=True, custom_opsets={"com.microsoft": 1})
     _finalize_onnx(p)
