@@ -55,6 +55,9 @@ BUDGETS = {
                  use_thumbnail=False, max_pixels_tolerance=2.0),
     "single": dict(min_image_tokens=16, max_image_tokens=64, min_tiles=1, max_tiles=1,
                    use_thumbnail=False, max_pixels_tolerance=2.0),
+    # lfm.ImageBudget.single_tile(): min == max, so smart_resize's upscaling overshoots the cap
+    "single_tile": dict(min_image_tokens=64, max_image_tokens=64, min_tiles=1, max_tiles=1,
+                        use_thumbnail=False, max_pixels_tolerance=2.0),
 }
 PREPROCESS_SIZES = {
     "default": [(1, 1), (16, 16), (31, 17), (32, 32), (64, 64), (256, 256), (300, 400),
@@ -62,9 +65,10 @@ PREPROCESS_SIZES = {
                 (723, 724), (730, 720), (768, 768), (900, 1200), (1024, 768), (768, 1024),
                 (1024, 1024), (1280, 720), (1600, 800), (800, 1600), (1920, 1080), (1080, 1920),
                 (2560, 1440), (3000, 2000), (4032, 3024), (32, 1024), (1024, 32), (20, 2000),
-                (2000, 20), (64, 1000), (1, 8000), (8000, 1)],
+                (2000, 20), (64, 1000), (1, 8000), (8000, 1), (3, 700)],
     "fast": [(256, 256), (640, 480), (1024, 1024), (1920, 1080)],
     "single": [(640, 480), (1920, 1080), (4096, 2160)],
+    "single_tile": [(100, 75), (40, 30), (10, 400), (300, 10), (250, 180), (16, 16), (640, 480)],
 }
 SAMPLE_TARGET = 4000  # ~samples per entry in preprocess.json
 

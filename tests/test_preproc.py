@@ -23,7 +23,7 @@ CASE_IDS = [f"{c['width']}x{c['height']}-{c['budget']}" for c in CASES]
 
 
 def test_golden_covers_all_budgets() -> None:
-    assert {c["budget"] for c in CASES} == set(PRE["budgets"]) == {"default", "fast", "single"}
+    assert {c["budget"] for c in CASES} == set(PRE["budgets"]) == {"default", "fast", "single", "single_tile"}
     assert not any("error" in c for c in CASES)  # no transformers error cases recorded
 
 
@@ -255,6 +255,18 @@ def test_budget_presets() -> None:
     single = lfm.ImageBudget.single_tile(64)
     assert single.min_tiles == single.max_tiles == 1
     assert single.max_image_tokens == 64
+    assert lfm.ImageBudget.single_tile() == BUDGETS["single_tile"]
+
+
+def test_small_images_may_overshoot_max_image_tokens_as_in_transformers() -> None:
+    """smart_resize's upscaling rounds each side up, so a small image can get a few tokens
+    more than ``max_image_tokens`` (transformers gives a 100x75 image 70 under the 64 of
+    ``single_tile()``); lfm plans the same instead of refusing it."""
+    grid = lfm.preproc.plan(100, 75, lfm.ImageBudget.single_tile())
+    assert (grid.tile, grid.num_image_tokens) == ((224, 320), 70)
+    # Past a main tile's 256 tokens transformers' padding and mask disagree: refused.
+    with pytest.raises(lfm.ImageError, match="358 image tokens in one tile, over the limit of 256"):
+        lfm.preproc.plan(1, 2000)
 
 
 def test_fast_cuts_640x480_into_four_tiles() -> None:

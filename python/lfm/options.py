@@ -90,7 +90,9 @@ class ImageBudget(_Options):
 
     @classmethod
     def single_tile(cls, max_image_tokens: int = 64) -> ImageBudget:
-        """Never tiles: one smart-resized image of at most ``max_image_tokens`` tokens."""
+        """Never tiles: one smart-resized image of about ``max_image_tokens`` tokens (as in
+        transformers, small images upscaled to the minimum may get a few more: 100x75 gets 70
+        of 64)."""
         return cls(
             min_image_tokens=max(1, min(64, max_image_tokens)),
             max_image_tokens=max_image_tokens,

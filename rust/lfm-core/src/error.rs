@@ -33,8 +33,8 @@ pub enum Error {
 
     /// No tile grid fits the image budget (extreme aspect ratios).
     #[error(
-        "image of {width}x{height} pixels needs {tokens} image tokens, over max_image_tokens={limit}; \
-         its aspect ratio is too extreme for this image budget"
+        "image of {width}x{height} pixels needs {tokens} image tokens in one tile, over the limit of {limit}; \
+         its aspect ratio is too extreme"
     )]
     TileGridImpossible { width: u32, height: u32, tokens: usize, limit: usize },
 

@@ -71,7 +71,8 @@ impl ImageBudget {
         }
     }
 
-    /// Never tiles: every image becomes one smart-resized tile of at most `max_image_tokens`.
+    /// Never tiles: every image becomes one smart-resized tile of about `max_image_tokens`
+    /// (small images upscaled to the minimum may get a few more, as in transformers).
     pub fn single_tile(max_image_tokens: usize) -> Self {
         ImageBudget {
             min_image_tokens: max_image_tokens.clamp(1, 64),

@@ -197,13 +197,15 @@ pub fn plan(width: u32, height: u32, budget: &ImageBudget) -> Result<TileGrid> {
     let (w, h) = (width as usize, height as usize);
     let g = Geometry::LFM2_VL;
     let resized = smart_resize(h, w, budget.min_image_tokens, budget.max_image_tokens);
+    // transformers lets `smart_resize` overshoot `max_image_tokens` (its upscaling rounds
+    // each side up: a 100x75 image under a 64-token budget gets 70 tokens), and so does lfm.
+    // Its processor pads entries to the patches of a main tile (or of `max_image_tokens`,
+    // if more) and gives a larger one a mask that does not match its pixels (1x2000 under
+    // the default budget: 358 tokens), so past that the plan is refused.
     let check = |size: (usize, usize)| {
         let tokens = g.tokens(size);
-        if tokens > budget.max_image_tokens {
-            Err(Error::TileGridImpossible { width, height, tokens, limit: budget.max_image_tokens })
-        } else {
-            Ok(size)
-        }
+        let limit = g.tokens((g.tile_size, g.tile_size)).max(budget.max_image_tokens);
+        if tokens > limit { Err(Error::TileGridImpossible { width, height, tokens, limit }) } else { Ok(size) }
     };
     let splitting = !(budget.min_tiles == 1 && budget.max_tiles == 1);
     if splitting && is_too_large(h, w, budget) {
@@ -260,6 +262,17 @@ mod tests {
         let b = ImageBudget { min_tiles: 4, max_tiles: 4, ..ImageBudget::quality() };
         let g = plan(1280, 512, &b).unwrap();
         assert_eq!((g.rows, g.cols), (2, 2));
+    }
+
+    #[test]
+    fn small_images_overshoot_max_image_tokens_up_to_a_main_tile() {
+        // transformers' numbers (Lfm2VlImageProcessor, spatial shapes x 16).
+        let single = ImageBudget::single_tile(64);
+        assert_eq!(plan(100, 75, &single).unwrap().tile, (224, 320)); // 70 tokens
+        assert_eq!(plan(10, 400, &single).unwrap().tile, (1632, 64)); // 102 tokens
+        assert_eq!(plan(3, 700, &ImageBudget::quality()).unwrap().tile, (3936, 32)); // 123 tokens
+        let e = plan(1, 2000, &ImageBudget::quality()).unwrap_err();
+        assert!(matches!(e, Error::TileGridImpossible { tokens: 358, limit: 256, .. }), "{e:?}");
     }
 
     #[test]
