@@ -188,6 +188,53 @@ def test_decode_truncated_jpeg(tmp_path: pathlib.Path) -> None:
     _check_truncated("grad_120x80.jpg", tmp_path)
 
 
+def test_decode_truncated_jpeg_with_an_exif_thumbnail(tmp_path: pathlib.Path) -> None:
+    """A camera JPEG carries a whole JPEG (its thumbnail) in its EXIF segment; cut short,
+    the file's own scan has no end marker although the thumbnail's has: PIL refuses it
+    ("image file is truncated"), and so does lfm (it used to fill the rest with gray)."""
+    thumb = (IMAGES / "grad_120x80.jpg").read_bytes()
+    exif = b"Exif\x00\x00" + thumb
+    app1 = b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif
+    main = (IMAGES / "grad_120x80.jpg").read_bytes()
+    camera = main[:2] + app1 + main[2:]
+    assert lfm.preproc.decode(camera).shape == (80, 120, 3)  # whole, it decodes
+    with pytest.raises(lfm.ImageError, match="truncated"):
+        lfm.preproc.decode(camera[: len(camera) - len(main) // 3])
+
+
+def test_decode_corrupt_jpeg_is_an_image_error() -> None:
+    """libjpeg's fatal errors on corrupt data (here a Huffman table never defined) are the
+    file's fault: ImageError, not InternalError."""
+    with pytest.raises(lfm.ImageError, match="Huffman table"):
+        lfm.preproc.decode(IMAGES / "corrupt_huffman.jpg")
+
+
+def test_decode_16bit_gray_png_clips_as_pil() -> None:
+    """PIL opens a 16-bit gray PNG as mode I;16 and ``convert("RGB")`` clips it to 255
+    (it does not take the high byte, as for 16-bit color)."""
+    Image = pytest.importorskip("PIL.Image")
+    values = np.array([[0, 100, 255, 256, 300, 4000, 65535]], dtype=np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(values).save(buf, "PNG")
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        ref = np.asarray(im.convert("RGB"))
+    got = lfm.preproc.decode(buf.getvalue())
+    assert np.array_equal(got, ref), (got[0, :, 0], ref[0, :, 0])
+
+
+def test_decode_refuses_files_that_are_not_regular(tmp_path: pathlib.Path) -> None:
+    """A FIFO is refused before it is opened (opening one blocks until a writer comes, and
+    the engine reads files on its scheduler thread); a directory is IsADirectoryError."""
+    import os
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(lfm.ImageError, match="not a regular file"):
+        lfm.preproc.decode(fifo)
+    with pytest.raises(IsADirectoryError):
+        lfm.preproc.decode(tmp_path)
+
+
 def test_decode_bytes_equals_pil_for_png() -> None:
     Image = pytest.importorskip("PIL.Image")
     data = (IMAGES / "palette_32x24.png").read_bytes()

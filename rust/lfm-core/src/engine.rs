@@ -167,7 +167,7 @@ impl Engine {
         let mut planned = Vec::with_capacity(images.len());
         for source in images {
             let source = match source {
-                ImageSource::Path(p) => ImageSource::Bytes(std::fs::read(&p).map_err(|e| Error::io(&p, e))?),
+                ImageSource::Path(p) => ImageSource::Bytes(dl.read_file(&p)?),
                 other => other,
             };
             let (width, height) = match &source {
@@ -175,7 +175,10 @@ impl Engine {
                     let h = probe(b, &dl)?;
                     (h.width, h.height)
                 }
-                ImageSource::Pixels(img) => (img.width, img.height),
+                ImageSource::Pixels(img) => {
+                    dl.check_size(img.width, img.height)?;
+                    (img.width, img.height)
+                }
                 ImageSource::Path(_) => unreachable!("paths were read above"),
             };
             let grid = self.preprocessor.plan(width, height)?;

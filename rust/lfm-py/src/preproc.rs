@@ -98,10 +98,7 @@ fn pixels(py: Python<'_>, src: ImageSource, limits: &DecodeLimits) -> PyResult<R
     detached(py, || match src {
         ImageSource::Pixels(p) => Ok(p),
         ImageSource::Bytes(b) => core_decode(&b, limits),
-        ImageSource::Path(p) => {
-            let bytes = std::fs::read(&p).map_err(|e| lfm_core::Error::io(&p, e))?;
-            core_decode(&bytes, limits)
-        }
+        ImageSource::Path(p) => core_decode(&limits.read_file(&p)?, limits),
     })
 }
 

@@ -4,7 +4,8 @@
 //! The header is read first, so that oversized images are refused before any pixel buffer
 //! is allocated.
 
-use std::io::Cursor;
+use std::io::{Cursor, Read};
+use std::path::Path;
 
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
@@ -68,27 +69,62 @@ fn open(bytes: &[u8]) -> Result<(ImageFormat, impl ImageDecoder + use<'_>)> {
     Ok((format, reader.into_decoder().map_err(decode_err)?))
 }
 
+impl DecodeLimits {
+    /// Checks an image's size, from a file's header or of pixels given as an array: both
+    /// are held decoded, so both answer to the same limits.
+    pub fn check_size(&self, width: u32, height: u32) -> Result<()> {
+        for (field, v) in [("width", width), ("height", height)] {
+            if v > self.max_side {
+                return Err(Error::ImageTooLarge { field, value: v as u64, limit: self.max_side as u64 });
+            }
+        }
+        let bytes = width as u64 * height as u64 * 4;
+        if bytes > self.max_decoded_bytes {
+            return Err(Error::ImageTooLarge {
+                field: "decoded size in bytes",
+                value: bytes,
+                limit: self.max_decoded_bytes,
+            });
+        }
+        if width == 0 || height == 0 {
+            return Err(Error::ImageTooSmall { width, height });
+        }
+        Ok(())
+    }
+
+    /// Reads an image file. Only a regular file: opening a FIFO blocks until a writer comes
+    /// and a device may never end, either of which would stall every request behind this
+    /// one. At most `max_decoded_bytes`: no image file is larger than its decoded pixels.
+    pub fn read_file(&self, path: &Path) -> Result<Vec<u8>> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if meta.is_dir() {
+            // Fails as reading any directory does, with its OS error (IsADirectoryError).
+            return std::fs::read(path).map_err(|e| Error::io(path, e));
+        }
+        if !meta.is_file() {
+            return Err(decode_err(format!("{} is not a regular file", path.display())));
+        }
+        let too_large =
+            |value| Error::ImageTooLarge { field: "file size in bytes", value, limit: self.max_decoded_bytes };
+        if meta.len() > self.max_decoded_bytes {
+            return Err(too_large(meta.len()));
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        file.take(self.max_decoded_bytes + 1).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+        if bytes.len() as u64 > self.max_decoded_bytes {
+            return Err(too_large(bytes.len() as u64)); // it grew while being read
+        }
+        Ok(bytes)
+    }
+}
+
 fn check_header(dec: &mut impl ImageDecoder, limits: &DecodeLimits) -> Result<ImageHeader> {
     let (w, h) = dec.dimensions();
     // A broken EXIF block is not worth refusing the image for: PIL ignores it too.
     let orientation = dec.orientation().unwrap_or(Orientation::NoTransforms);
     let (width, height) = if swaps_axes(orientation) { (h, w) } else { (w, h) };
-    for (field, v) in [("width", width), ("height", height)] {
-        if v > limits.max_side {
-            return Err(Error::ImageTooLarge { field, value: v as u64, limit: limits.max_side as u64 });
-        }
-    }
-    let bytes = width as u64 * height as u64 * 4;
-    if bytes > limits.max_decoded_bytes {
-        return Err(Error::ImageTooLarge {
-            field: "decoded size in bytes",
-            value: bytes,
-            limit: limits.max_decoded_bytes,
-        });
-    }
-    if width == 0 || height == 0 {
-        return Err(Error::ImageTooSmall { width, height });
-    }
+    limits.check_size(width, height)?;
     Ok(ImageHeader { width, height, orientation })
 }
 
@@ -119,8 +155,8 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage> {
     })
 }
 
-/// RGB8 as PIL's `convert("RGB")` gives it: alpha dropped, gray replicated, 16-bit samples
-/// reduced to their high byte.
+/// RGB8 as PIL's `convert("RGB")` gives it: alpha dropped, gray replicated, 16-bit color
+/// samples reduced to their high byte, 16-bit gray (PIL's mode `I;16`) clipped to 255.
 fn to_rgb(img: DynamicImage) -> RgbImage {
     let (width, height) = (img.width(), img.height());
     let data = match img {
@@ -131,7 +167,7 @@ fn to_rgb(img: DynamicImage) -> RgbImage {
             .chunks_exact(4)
             .flat_map(|p| [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8])
             .collect(),
-        DynamicImage::ImageLuma16(b) => b.into_raw().iter().flat_map(|v| [(v >> 8) as u8; 3]).collect(),
+        DynamicImage::ImageLuma16(b) => b.into_raw().iter().flat_map(|&v| [v.min(255) as u8; 3]).collect(),
         DynamicImage::ImageLumaA16(b) => b.into_raw().chunks_exact(2).flat_map(|p| [(p[0] >> 8) as u8; 3]).collect(),
         other => other.to_rgb8().into_raw(),
     };

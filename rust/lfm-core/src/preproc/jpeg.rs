@@ -5,7 +5,7 @@
 use image::metadata::Orientation;
 use mozjpeg::{ColorSpace, Decompress, Marker};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, panic_message};
 
 use super::RgbImage;
 
@@ -13,14 +13,32 @@ fn err(detail: impl std::fmt::Display) -> Error {
     Error::ImageDecode { detail: format!("JPEG: {detail}") }
 }
 
+/// Where the first start-of-scan marker is, found by walking the marker segments: a plain
+/// search would find the scan of an EXIF thumbnail inside an APP1 segment.
+fn first_scan(bytes: &[u8]) -> Option<usize> {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return None;
+    }
+    let mut i = 2;
+    while i + 4 <= bytes.len() {
+        if bytes[i] != 0xFF {
+            i += 1; // stray bytes between segments: libjpeg skips them too (with a warning)
+            continue;
+        }
+        match bytes[i + 1] {
+            0xFF => i += 1, // fill byte
+            0xDA => return Some(i),
+            0x01 | 0xD0..=0xD7 => i += 2, // markers without a length
+            _ => i += 2 + u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize,
+        }
+    }
+    None
+}
+
 /// True when an end-of-image marker follows the first start-of-scan: a file cut short
 /// has none. (Scan data escapes 0xFF bytes, so the marker cannot occur inside it.)
 fn is_complete(bytes: &[u8]) -> bool {
-    let find = |from: usize, m: u8| bytes[from..].windows(2).position(|w| w[0] == 0xFF && w[1] == m).map(|p| p + from);
-    match find(0, 0xDA) {
-        Some(sos) => find(sos + 2, 0xD9).is_some(),
-        None => false,
-    }
+    first_scan(bytes).is_some_and(|sos| bytes[sos + 2..].windows(2).any(|w| w == [0xFF, 0xD9]))
 }
 
 /// PIL's CMYK to RGB: `x = 255 - k; channel = x - x*c/255` (rounded as PIL's MULDIV255).
@@ -43,6 +61,12 @@ pub fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage> {
     if !is_complete(bytes) {
         return Err(err("the file is truncated (no end-of-image marker after the image data)"));
     }
+    // libjpeg's fatal errors (corrupt data) reach Rust as unwinding panics carrying its
+    // message (mozjpeg's error manager): a bad file, not a bug in lfm.
+    std::panic::catch_unwind(|| decode_pixels(bytes)).unwrap_or_else(|payload| Err(err(panic_message(&*payload))))
+}
+
+fn decode_pixels(bytes: &[u8]) -> Result<RgbImage> {
     let d = Decompress::with_markers(&[Marker::APP(14)]).from_mem(bytes).map_err(err)?;
     let (width, height) = (d.width() as u32, d.height() as u32);
     // PIL reads Adobe CMYK as inverted ("CMYK;I"): an APP14 "Adobe" marker says so.
