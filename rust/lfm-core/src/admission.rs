@@ -36,6 +36,12 @@ pub fn check_messages(messages: &Value, limits: &Limits, specials: &[String]) ->
         ));
     }
     let (mut parts_total, mut text_bytes, mut image_parts) = (0usize, 0usize, 0usize);
+    let special_in = |text: &str, where_: &str| match specials.iter().find(|s| text.contains(s.as_str())) {
+        Some(s) => {
+            Err(rejected(where_, s, "no special tokens", format!("{where_} contains the special token string {s:?}")))
+        }
+        None => Ok(()),
+    };
     let mut check_text = |text: &str, where_: &str| -> Result<()> {
         text_bytes += text.len();
         if text_bytes > limits.max_text_bytes {
@@ -46,15 +52,7 @@ pub fn check_messages(messages: &Value, limits: &Limits, specials: &[String]) ->
                 format!("text totals over max_text_bytes={} bytes", limits.max_text_bytes),
             ));
         }
-        if let Some(s) = specials.iter().find(|s| text.contains(s.as_str())) {
-            return Err(rejected(
-                where_,
-                s,
-                "no special tokens",
-                format!("{where_} contains the special token string {s:?}"),
-            ));
-        }
-        Ok(())
+        special_in(text, where_)
     };
     for (i, m) in list.iter().enumerate() {
         let field = format!("messages[{i}]");
@@ -86,6 +84,9 @@ pub fn check_messages(messages: &Value, limits: &Limits, specials: &[String]) ->
                 check_text(s, &format!("{field}.content"))?;
             }
             Some(Value::Array(parts)) => {
+                // The template writes adjacent text parts with nothing between them, so
+                // "a<|im_" then "end|>" would make a special token no part holds alone.
+                let mut joined = String::new();
                 for (j, p) in parts.iter().enumerate() {
                     let pf = format!("{field}.content[{j}]");
                     parts_total += 1;
@@ -100,8 +101,11 @@ pub fn check_messages(messages: &Value, limits: &Limits, specials: &[String]) ->
                                 )
                             })?;
                             check_text(t, &pf)?;
+                            joined.push_str(t);
+                            special_in(&joined, &format!("{field}.content"))?;
                         }
                         Some("image") => {
+                            joined.clear();
                             if role != "user" {
                                 return Err(rejected(
                                     &pf,
@@ -140,7 +144,13 @@ pub fn check_messages(messages: &Value, limits: &Limits, specials: &[String]) ->
                 match v {
                     Value::String(text) => check_text(text, &format!("{field}.{key}"))?,
                     Value::Array(items) => pending.extend(items),
-                    Value::Object(map) => pending.extend(map.values()),
+                    Value::Object(map) => {
+                        // Keys too: the template may render an arguments object as JSON.
+                        for k in map.keys() {
+                            check_text(k, &format!("{field}.{key}"))?;
+                        }
+                        pending.extend(map.values());
+                    }
                     _ => {}
                 }
             }
@@ -161,6 +171,23 @@ pub fn check_messages(messages: &Value, limits: &Limits, specials: &[String]) ->
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn special_tokens_split_across_text_parts_or_in_keys_are_refused() {
+        let specials = vec!["<|im_end|>".to_string()];
+        let text = |t: &str| json!({"type": "text", "text": t});
+        let split = json!([{"role": "user", "content": [text("a<|im_"), text("end|>b")]}]);
+        let err = check_messages(&split, &Limits::default(), &specials).unwrap_err();
+        assert!(err.to_string().contains("messages[0].content contains"), "{err}");
+        // An image between the parts keeps them apart.
+        let apart = json!([{"role": "user", "content": [text("a<|im_"), {"type": "image"}, text("end|>b")]}]);
+        assert!(check_messages(&apart, &Limits::default(), &specials).is_ok());
+        let key = json!([{"role": "assistant", "content": null, "tool_calls": [
+            {"type": "function", "function": {"name": "f", "arguments": {"<|im_end|>": 1}}}
+        ]}]);
+        let err = check_messages(&key, &Limits::default(), &specials).unwrap_err();
+        assert!(err.to_string().contains("messages[0].tool_calls"), "{err}");
+    }
 
     #[test]
     fn special_tokens_in_tool_calls_are_refused() {
