@@ -113,6 +113,14 @@ def test_errors_exit_with_a_message(tmp_path: pathlib.Path) -> None:
     assert r.returncode == 2 and "lfm: error" in r.stderr
 
 
+@pytest.mark.parametrize("size", ["0", "-1", "two"])
+def test_batch_size_below_one_is_refused(size: str) -> None:
+    # -1 used to caption nothing and exit 0, 0 to end in a traceback
+    r = run("caption", str(IMAGES / "grad_64x48.png"), "--model", MODEL, "--batch-size", size, "--no-progress")
+    assert r.returncode == 2 and "argument --batch-size: expected an integer of at least 1" in r.stderr
+    assert r.stdout == ""
+
+
 @pytest.mark.skipif(os.name != "posix", reason="needs SIGINT")
 def test_ctrl_c_leaves_a_valid_file(tmp_path: pathlib.Path) -> None:
     d = tmp_path / "many"

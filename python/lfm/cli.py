@@ -36,6 +36,17 @@ def iter_images(paths: Sequence[str]) -> Iterator[pathlib.Path]:
             yield p
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts such as --batch-size: 0 or less would caption nothing."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {n}")
+    return n
+
+
 def load_engine(model: str, variant: str | None) -> Any:
     import lfm
 
@@ -200,7 +211,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--lark", help="Lark grammar file")
     c.add_argument("--prompt", default=None)
     c.add_argument("--out", help="JSON lines file (default: standard output)")
-    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--batch-size", type=positive_int, default=8)
     c.add_argument("--max-new-tokens", type=int, default=256)
     c.add_argument("--resume", action="store_true", help="skip images already in --out")
     c.add_argument("--no-progress", dest="progress", action="store_false")
