@@ -19,6 +19,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
+from .errors import InvalidOptionsError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 DEFAULT_PROMPT = "Describe this image in one or two sentences."
 
@@ -47,6 +49,21 @@ def positive_int(text: str) -> int:
     return n
 
 
+def option_error(option: str, path: str, problem: str) -> InvalidOptionsError:
+    err = InvalidOptionsError(f"{option} {path}: {problem}")
+    err.field, err.value = option, path
+    return err
+
+
+def read_text(path: str, option: str) -> str:
+    """The UTF-8 text of the file an option names (a missing file is an OSError, which
+    main reports; undecodable bytes would otherwise escape as a traceback)."""
+    try:
+        return pathlib.Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise option_error(option, path, f"not UTF-8 text ({e})") from None
+
+
 def load_engine(model: str, variant: str | None) -> Any:
     import lfm
 
@@ -61,9 +78,14 @@ def build_task(args: argparse.Namespace) -> Any:
 
     prompt = args.prompt
     if args.schema:
-        return lfm.JsonTask(json.loads(pathlib.Path(args.schema).read_text()), prompt or "Describe this image as JSON.")
+        text = read_text(args.schema, "--schema")
+        try:
+            schema = json.loads(text)
+        except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than json's stack
+            raise option_error("--schema", args.schema, f"not JSON ({e})") from None
+        return lfm.JsonTask(schema, prompt or "Describe this image as JSON.")
     if args.regex or args.lark:
-        grammar = lfm.Grammar.regex(args.regex) if args.regex else lfm.Grammar.lark(pathlib.Path(args.lark).read_text())
+        grammar = lfm.Grammar.regex(args.regex) if args.regex else lfm.Grammar.lark(read_text(args.lark, "--lark"))
         return _GrammarTask(prompt or DEFAULT_PROMPT, grammar)
     if args.task == "image-analysis":
         return lfm.ImageAnalysisTask(accept_empty=True)
@@ -93,10 +115,10 @@ def done_paths(out: pathlib.Path) -> set[str]:
     """Paths already written to `out` (complete lines only)."""
     done: set[str] = set()
     if out.exists():
-        for line in out.read_text(encoding="utf-8").splitlines():
+        for line in read_text(str(out), "--out").splitlines():
             try:
                 done.add(json.loads(line)["path"])
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 continue
     return done
 
@@ -126,7 +148,7 @@ def caption(args: argparse.Namespace, stdout: TextIO) -> int:
 
     from ._batch import ProgressBar
 
-    engine = load_engine(args.model, args.variant)
+    # The option files first: a mistake in them should not wait for a model load.
     task = build_task(args)
     options = lfm.RequestOptions(max_new_tokens=args.max_new_tokens)
     images = list(iter_images(args.paths))
@@ -134,7 +156,8 @@ def caption(args: argparse.Namespace, stdout: TextIO) -> int:
     if out_path and args.resume:
         done = done_paths(out_path)
         images = [p for p in images if str(p) not in done]
-    elif out_path and out_path.exists() and not args.resume:
+    engine = load_engine(args.model, args.variant)
+    if out_path and out_path.exists() and not args.resume:
         out_path.unlink()
     sink: TextIO = out_path.open("a", encoding="utf-8") if out_path else stdout
     bar = ProgressBar(len(images)) if (args.progress and images) else None
