@@ -141,6 +141,17 @@ def test_resume_of_a_file_that_is_not_utf8(tmp_path: pathlib.Path) -> None:
     assert out.read_bytes() == b"\xff\n"  # left as it was
 
 
+def test_missing_model_folder(tmp_path: pathlib.Path) -> None:
+    missing = tmp_path / "no" / "such"
+    r = run("info", str(missing))
+    assert r.returncode == 2 and f"lfm: error: model folder {missing} does not exist" in r.stderr
+    img = str(IMAGES / "grad_64x48.png")
+    # absolute or explicitly relative: a folder, never a Hub repo id
+    for model in (str(missing), "./no/such/dir", "../no-such-dir"):
+        r = run("caption", img, "--model", model, "--no-progress")
+        assert r.returncode == 2 and f"lfm: error: model folder {model} does not exist" in r.stderr, r.stderr
+
+
 @pytest.mark.skipif(os.name != "posix", reason="needs SIGINT")
 def test_ctrl_c_leaves_a_valid_file(tmp_path: pathlib.Path) -> None:
     d = tmp_path / "many"

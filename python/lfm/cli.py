@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
-from .errors import InvalidOptionsError
+from .errors import InvalidOptionsError, ModelLoadError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 DEFAULT_PROMPT = "Describe this image in one or two sentences."
@@ -64,12 +64,34 @@ def read_text(path: str, option: str) -> str:
         raise option_error(option, path, f"not UTF-8 text ({e})") from None
 
 
+def is_local_path(model: str) -> bool:
+    """Whether `model` can only mean a folder: a Hub repo id (`name` or `owner/name`) is
+    never absolute, never starts with `.` or `~` and has at most one `/`."""
+    return (
+        os.path.isabs(model)
+        or model.startswith((".", "~"))
+        or model.count("/") > 1
+        or (os.sep != "/" and os.sep in model)
+    )
+
+
+def not_a_folder(path: str) -> ModelLoadError:
+    problem = "is not a folder" if os.path.exists(path) else "does not exist"
+    err = ModelLoadError(f"model folder {path} {problem}")
+    err.path, err.field, err.value = path, "model", path
+    return err
+
+
 def load_engine(model: str, variant: str | None) -> Any:
     import lfm
 
     options = lfm.EngineOptions(variant=variant or "fp32")
-    if os.path.exists(model):
-        return lfm.Engine.from_dir(model, options)
+    path = os.path.expanduser(model)
+    if os.path.exists(path):
+        return lfm.Engine.from_dir(path, options)
+    # A mistyped folder would otherwise go to the Hub and fail there with a confusing message.
+    if is_local_path(model):
+        raise not_a_folder(model)
     return lfm.Engine.from_pretrained(model, variant=variant, options=options)
 
 
@@ -200,7 +222,9 @@ def info(args: argparse.Namespace, stdout: TextIO) -> int:
 
     from .loaders import GRAPHS, SUFFIX
 
-    root = pathlib.Path(args.model)
+    root = pathlib.Path(args.model).expanduser()
+    if not root.is_dir():  # else the report would list no variants and exit 0
+        raise not_a_folder(str(root))
     onnx = root / "onnx" if (root / "onnx").is_dir() else root
     variants = {g: [p for p, s in SUFFIX.items() if (onnx / f"{g}{s}.onnx").exists()] for g in GRAPHS}
     report: dict[str, Any] = {"path": str(root), "graph_folder": str(onnx), "variants": variants}
