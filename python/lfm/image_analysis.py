@@ -297,13 +297,20 @@ class _Truncated(ValueError):
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
-def _has_lone_surrogate(v: Any) -> bool:
-    if isinstance(v, str):
-        return bool(_SURROGATE.search(v))
-    if isinstance(v, list):
-        return any(_has_lone_surrogate(x) for x in v)
-    if isinstance(v, dict):
-        return any(_has_lone_surrogate(k) or _has_lone_surrogate(x) for k, x in v.items())
+def _has_lone_surrogate(value: Any) -> bool:
+    # A work list, not recursion: json.loads accepts nesting a recursive walk, starting
+    # deeper in the stack, could not follow.
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return True
+        elif isinstance(v, list):
+            todo.extend(v)
+        elif isinstance(v, dict):
+            todo.extend(v)
+            todo.extend(v.values())
     return False
 
 
@@ -321,6 +328,8 @@ def _load_top_level(text: str) -> Any:
     except json.JSONDecodeError as e:
         if e.msg.startswith("Unterminated string") or e.pos >= len(text.rstrip(" \t\n\r")):
             raise _Truncated(str(e)) from None
+        raise _NotJson(str(e)) from None
+    except (ValueError, RecursionError) as e:  # an integer over Python's digit limit; too deep
         raise _NotJson(str(e)) from None
     if _has_lone_surrogate(value):
         raise _NotJson("a lone UTF-16 surrogate escape")
