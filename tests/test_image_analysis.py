@@ -93,6 +93,32 @@ def test_parse_settles_fields() -> None:
 
 
 @pytest.mark.parametrize(
+    ("kwargs", "field", "value"),
+    [
+        # max_items that was neither an int nor a dict used to be ignored (defaults kept)
+        ({"max_items": 2.5}, "max_items", 2.5),
+        ({"max_items": "3"}, "max_items", "3"),
+        ({"max_items": [1, 2]}, "max_items", [1, 2]),
+        ({"max_items": True}, "max_items", True),
+        ({"max_items": 0}, "max_items", 0),
+        ({"max_items": {"objects": 2.0}}, "max_items.objects", 2.0),
+        ({"extensions": 5}, "extensions", 5),  # was a bare TypeError
+        ({"accept_empty": "no"}, "accept_empty", "no"),  # was truthy, so accepted
+        ({"tags_max_items": 2.5}, "tags_max_items", 2.5),
+    ],
+)
+def test_wrong_option_types_are_refused(kwargs: dict[str, object], field: str, value: object) -> None:
+    with pytest.raises(lfm.InvalidOptionsError) as info:
+        lfm.ImageAnalysisTask(**kwargs)  # type: ignore[arg-type]
+    assert info.value.field == field and info.value.value == repr(value)
+
+
+def test_extensions_none_is_no_extensions() -> None:
+    t = lfm.ImageAnalysisTask(extensions=None)
+    assert t.extensions == frozenset() and t.schema() == DEFAULT.schema()
+
+
+@pytest.mark.parametrize(
     ("text", "kind"),
     [
         ("not json", "json"),
