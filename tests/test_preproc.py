@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import io
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import lfm
 import lfm.preproc
 import numpy as np
 import pytest
-from conftest import golden, grad
+from conftest import IMAGES, golden, grad
 
 PRE = golden("preprocess.json")
 BUDGETS = {name: lfm.ImageBudget(**b) for name, b in PRE["budgets"].items()}
@@ -353,6 +354,18 @@ def test_plan_largest_sides_do_not_wrap() -> None:
 def test_plan_impossible_grid() -> None:
     with pytest.raises(lfm.ImageError):
         lfm.preproc.plan(1, 100000)
+
+
+@pytest.mark.parametrize("name", ["grad_64x48.png", "grad_120x80.jpg"])
+def test_truncated_pil_image_is_an_image_error(name: str) -> None:
+    # PIL reads pixels on first use, so its OSError escaped from the conversion.
+    from PIL import Image
+
+    data = (IMAGES / name).read_bytes()
+    with Image.open(io.BytesIO(data[: len(data) // 2])) as im:  # opening reads the header only
+        with pytest.raises(lfm.ImageError, match="cannot decode PIL image: image file is truncated") as ei:
+            lfm.preproc.decode(im)
+    assert isinstance(ei.value, ValueError)
 
 
 # --- no ONNX Runtime -----------------------------------------------------------------
