@@ -113,6 +113,45 @@ def test_errors_exit_with_a_message(tmp_path: pathlib.Path) -> None:
     assert r.returncode == 2 and "lfm: error" in r.stderr
 
 
+@pytest.mark.parametrize("size", ["0", "-1", "two"])
+def test_batch_size_below_one_is_refused(size: str) -> None:
+    # -1 used to caption nothing and exit 0, 0 to end in a traceback
+    r = run("caption", str(IMAGES / "grad_64x48.png"), "--model", MODEL, "--batch-size", size, "--no-progress")
+    assert r.returncode == 2 and "argument --batch-size: expected an integer of at least 1" in r.stderr
+    assert r.stdout == ""
+
+
+def test_bad_option_files_exit_with_a_message(tmp_path: pathlib.Path) -> None:
+    img = str(IMAGES / "grad_64x48.png")
+    schema = tmp_path / "s.json"
+    schema.write_text("{not json")
+    lark = tmp_path / "g.lark"
+    lark.write_bytes(b'start: "\xff"\n')
+    for flag, path, problem in (("--schema", schema, "not JSON"), ("--lark", lark, "not UTF-8 text")):
+        r = run("caption", img, "--model", MODEL, flag, str(path), "--no-progress")
+        assert r.returncode == 2 and f"lfm: error: {flag} {path}: {problem}" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_resume_of_a_file_that_is_not_utf8(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b"\xff\n")
+    r = run("caption", str(IMAGES / "grad_64x48.png"), "--model", MODEL, "--out", str(out), "--resume", "--no-progress")
+    assert r.returncode == 2 and f"lfm: error: --out {out}: not UTF-8 text" in r.stderr, r.stderr
+    assert out.read_bytes() == b"\xff\n"  # left as it was
+
+
+def test_missing_model_folder(tmp_path: pathlib.Path) -> None:
+    missing = tmp_path / "no" / "such"
+    r = run("info", str(missing))
+    assert r.returncode == 2 and f"lfm: error: model folder {missing} does not exist" in r.stderr
+    img = str(IMAGES / "grad_64x48.png")
+    # absolute or explicitly relative: a folder, never a Hub repo id
+    for model in (str(missing), "./no/such/dir", "../no-such-dir"):
+        r = run("caption", img, "--model", model, "--no-progress")
+        assert r.returncode == 2 and f"lfm: error: model folder {model} does not exist" in r.stderr, r.stderr
+
+
 @pytest.mark.skipif(os.name != "posix", reason="needs SIGINT")
 def test_ctrl_c_leaves_a_valid_file(tmp_path: pathlib.Path) -> None:
     d = tmp_path / "many"

@@ -9,7 +9,7 @@ import lfm
 import numpy as np
 import pytest
 from conftest import MODELS
-from lfm.image_analysis import EXTENSIONS, ROSTER
+from lfm.image_analysis import EXTENSIONS, ROSTER, _has_lone_surrogate
 
 ALL = lfm.ImageAnalysisTask(extensions=EXTENSIONS)
 DEFAULT = lfm.ImageAnalysisTask()
@@ -93,6 +93,32 @@ def test_parse_settles_fields() -> None:
 
 
 @pytest.mark.parametrize(
+    ("kwargs", "field", "value"),
+    [
+        # max_items that was neither an int nor a dict used to be ignored (defaults kept)
+        ({"max_items": 2.5}, "max_items", 2.5),
+        ({"max_items": "3"}, "max_items", "3"),
+        ({"max_items": [1, 2]}, "max_items", [1, 2]),
+        ({"max_items": True}, "max_items", True),
+        ({"max_items": 0}, "max_items", 0),
+        ({"max_items": {"objects": 2.0}}, "max_items.objects", 2.0),
+        ({"extensions": 5}, "extensions", 5),  # was a bare TypeError
+        ({"accept_empty": "no"}, "accept_empty", "no"),  # was truthy, so accepted
+        ({"tags_max_items": 2.5}, "tags_max_items", 2.5),
+    ],
+)
+def test_wrong_option_types_are_refused(kwargs: dict[str, object], field: str, value: object) -> None:
+    with pytest.raises(lfm.InvalidOptionsError) as info:
+        lfm.ImageAnalysisTask(**kwargs)  # type: ignore[arg-type]
+    assert info.value.field == field and info.value.value == repr(value)
+
+
+def test_extensions_none_is_no_extensions() -> None:
+    t = lfm.ImageAnalysisTask(extensions=None)
+    assert t.extensions == frozenset() and t.schema() == DEFAULT.schema()
+
+
+@pytest.mark.parametrize(
     ("text", "kind"),
     [
         ("not json", "json"),
@@ -110,6 +136,8 @@ def test_parse_settles_fields() -> None:
         ('{"description": "", "tags": []}', "no_usable_fields"),
         ('{"description": "x", "tags": []}', "no_usable_fields"),
         ('{"description": "x", "tags": ["a"', "json"),  # tags is not a list extension cut
+        ('{"description": ' + "9" * 5000 + ', "tags": ["a"]}', "json"),  # over Python's int digit limit
+        ("[" * 5000 + "]" * 5000, "json"),  # deeper than json's stack
     ],
 )
 def test_parse_rules(text: str, kind: str) -> None:
@@ -119,6 +147,15 @@ def test_parse_rules(text: str, kind: str) -> None:
         assert out.tags == ("a",) and out.tags_end == "capped"
         return
     assert kind_of(DEFAULT, text) == kind
+
+
+def test_surrogate_check_follows_any_depth_json_accepts() -> None:
+    # json.loads accepts nesting close to the recursion limit; a recursive walk of it,
+    # starting deeper in the stack, raised RecursionError.
+    deep: list[object] = ["\ud800"]
+    for _ in range(5000):
+        deep = [deep]
+    assert _has_lone_surrogate(deep) and not _has_lone_surrogate({"a": [[["b"]]]})
 
 
 def test_missing_fields_lists_all_in_roster_order() -> None:

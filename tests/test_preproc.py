@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import io
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import lfm
 import lfm.preproc
 import numpy as np
 import pytest
-from conftest import golden, grad
+from conftest import IMAGES, golden, grad
 
 PRE = golden("preprocess.json")
 BUDGETS = {name: lfm.ImageBudget(**b) for name, b in PRE["budgets"].items()}
@@ -315,21 +316,27 @@ def test_plan_zero_size() -> None:
     assert isinstance(ei.value, ValueError)
 
 
+# Preprocessor.plan took another path to Rust, without the size checks.
+PLANS = pytest.mark.parametrize("plan", [lfm.preproc.plan, lfm.preproc.Preprocessor().plan], ids=["plan", "method"])
+
+
+@PLANS
 @pytest.mark.parametrize("size", [(2**32, 10), (10, 2**32), (2**40, 2**40)])
-def test_plan_side_over_u32_is_refused(size: tuple[int, int]) -> None:
+def test_plan_side_over_u32_is_refused(plan: Any, size: tuple[int, int]) -> None:
     # Such sides were clamped to 2**32 - 1 silently.
     with pytest.raises(lfm.ImageError) as ei:
-        lfm.preproc.plan(*size)
+        plan(*size)
     side = "width" if size[0] >= 2**32 else "height"
     assert (ei.value.field, ei.value.value, ei.value.limit) == (side, str(max(size)), str(2**32 - 1))
     assert str(max(size)) in str(ei.value)
 
 
+@PLANS
 @pytest.mark.parametrize(("size", "field"), [((-1, 10), "width"), ((10, -5), "height"), ((2**70, 10), "width")])
-def test_plan_sizes_out_of_any_range_are_image_errors(size: tuple[int, int], field: str) -> None:
+def test_plan_sizes_out_of_any_range_are_image_errors(plan: Any, size: tuple[int, int], field: str) -> None:
     # A negative side was a bare ValueError and one past 2**63 an OverflowError.
     with pytest.raises(lfm.ImageError) as ei:
-        lfm.preproc.plan(*size)
+        plan(*size)
     assert (ei.value.field, ei.value.value) == (field, str(min(size) if min(size) < 0 else max(size)))
 
 
@@ -359,6 +366,18 @@ def test_plan_largest_sides_do_not_wrap() -> None:
 def test_plan_impossible_grid() -> None:
     with pytest.raises(lfm.ImageError):
         lfm.preproc.plan(1, 100000)
+
+
+@pytest.mark.parametrize("name", ["grad_64x48.png", "grad_120x80.jpg"])
+def test_truncated_pil_image_is_an_image_error(name: str) -> None:
+    # PIL reads pixels on first use, so its OSError escaped from the conversion.
+    from PIL import Image
+
+    data = (IMAGES / name).read_bytes()
+    with Image.open(io.BytesIO(data[: len(data) // 2])) as im:  # opening reads the header only
+        with pytest.raises(lfm.ImageError, match="cannot decode PIL image: image file is truncated") as ei:
+            lfm.preproc.decode(im)
+    assert isinstance(ei.value, ValueError)
 
 
 # --- no ONNX Runtime -----------------------------------------------------------------

@@ -53,6 +53,20 @@ def test_grammar_forms_are_equal() -> None:
         lfm.Grammar.json_schema(int)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        "9" * 5000,  # over Python's int digit limit: was a bare ValueError
+        "[" * 5000 + "]" * 5000,  # deeper than json's stack: was a RecursionError
+    ],
+)
+def test_json_task_unreadable_json_is_a_parse_error(text: str) -> None:
+    with pytest.raises(lfm.ParseError) as info:
+        lfm.JsonTask({"type": "array"}, "p").parse(text)
+    assert info.value.kind == "json"
+
+
 class Point(pydantic.BaseModel):
     x: int
     y: int

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .errors import ImageError
+
 if TYPE_CHECKING:
     import PIL.Image
 
@@ -52,7 +54,13 @@ def to_core(image: ImageLike) -> str | bytes | np.ndarray:
     if isinstance(image, np.ndarray):
         return _from_array(image)
     if type(image).__module__.startswith("PIL."):
-        return _from_array(np.asarray(image.convert("RGB")))
+        try:
+            # PIL decodes lazily, on first use: a truncated or corrupt file fails here
+            # with an OSError ("image file is truncated", "broken data stream ...").
+            rgb = image.convert("RGB")
+        except OSError as e:
+            raise ImageError(f"cannot decode PIL image: {e}") from None
+        return _from_array(np.asarray(rgb))
     raise TypeError(
         "an image must be a path (str or os.PathLike), encoded bytes, a uint8 numpy array "
         f"or a PIL image, got {type(image).__name__}"

@@ -19,6 +19,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
+from .errors import InvalidOptionsError, ModelLoadError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 DEFAULT_PROMPT = "Describe this image in one or two sentences."
 
@@ -36,12 +38,60 @@ def iter_images(paths: Sequence[str]) -> Iterator[pathlib.Path]:
             yield p
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts such as --batch-size: 0 or less would caption nothing."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {n}")
+    return n
+
+
+def option_error(option: str, path: str, problem: str) -> InvalidOptionsError:
+    err = InvalidOptionsError(f"{option} {path}: {problem}")
+    err.field, err.value = option, path
+    return err
+
+
+def read_text(path: str, option: str) -> str:
+    """The UTF-8 text of the file an option names (a missing file is an OSError, which
+    main reports; undecodable bytes would otherwise escape as a traceback)."""
+    try:
+        return pathlib.Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise option_error(option, path, f"not UTF-8 text ({e})") from None
+
+
+def is_local_path(model: str) -> bool:
+    """Whether `model` can only mean a folder: a Hub repo id (`name` or `owner/name`) is
+    never absolute, never starts with `.` or `~` and has at most one `/`."""
+    return (
+        os.path.isabs(model)
+        or model.startswith((".", "~"))
+        or model.count("/") > 1
+        or (os.sep != "/" and os.sep in model)
+    )
+
+
+def not_a_folder(path: str) -> ModelLoadError:
+    problem = "is not a folder" if os.path.exists(path) else "does not exist"
+    err = ModelLoadError(f"model folder {path} {problem}")
+    err.path, err.field, err.value = path, "model", path
+    return err
+
+
 def load_engine(model: str, variant: str | None) -> Any:
     import lfm
 
     options = lfm.EngineOptions(variant=variant or "fp32")
-    if os.path.exists(model):
-        return lfm.Engine.from_dir(model, options)
+    path = os.path.expanduser(model)
+    if os.path.exists(path):
+        return lfm.Engine.from_dir(path, options)
+    # A mistyped folder would otherwise go to the Hub and fail there with a confusing message.
+    if is_local_path(model):
+        raise not_a_folder(model)
     return lfm.Engine.from_pretrained(model, variant=variant, options=options)
 
 
@@ -50,9 +100,14 @@ def build_task(args: argparse.Namespace) -> Any:
 
     prompt = args.prompt
     if args.schema:
-        return lfm.JsonTask(json.loads(pathlib.Path(args.schema).read_text()), prompt or "Describe this image as JSON.")
+        text = read_text(args.schema, "--schema")
+        try:
+            schema = json.loads(text)
+        except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than json's stack
+            raise option_error("--schema", args.schema, f"not JSON ({e})") from None
+        return lfm.JsonTask(schema, prompt or "Describe this image as JSON.")
     if args.regex or args.lark:
-        grammar = lfm.Grammar.regex(args.regex) if args.regex else lfm.Grammar.lark(pathlib.Path(args.lark).read_text())
+        grammar = lfm.Grammar.regex(args.regex) if args.regex else lfm.Grammar.lark(read_text(args.lark, "--lark"))
         return _GrammarTask(prompt or DEFAULT_PROMPT, grammar)
     if args.task == "image-analysis":
         return lfm.ImageAnalysisTask(accept_empty=True)
@@ -82,10 +137,10 @@ def done_paths(out: pathlib.Path) -> set[str]:
     """Paths already written to `out` (complete lines only)."""
     done: set[str] = set()
     if out.exists():
-        for line in out.read_text(encoding="utf-8").splitlines():
+        for line in read_text(str(out), "--out").splitlines():
             try:
                 done.add(json.loads(line)["path"])
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 continue
     return done
 
@@ -115,7 +170,7 @@ def caption(args: argparse.Namespace, stdout: TextIO) -> int:
 
     from ._batch import ProgressBar
 
-    engine = load_engine(args.model, args.variant)
+    # The option files first: a mistake in them should not wait for a model load.
     task = build_task(args)
     options = lfm.RequestOptions(max_new_tokens=args.max_new_tokens)
     images = list(iter_images(args.paths))
@@ -123,7 +178,8 @@ def caption(args: argparse.Namespace, stdout: TextIO) -> int:
     if out_path and args.resume:
         done = done_paths(out_path)
         images = [p for p in images if str(p) not in done]
-    elif out_path and out_path.exists() and not args.resume:
+    engine = load_engine(args.model, args.variant)
+    if out_path and out_path.exists() and not args.resume:
         out_path.unlink()
     sink: TextIO = out_path.open("a", encoding="utf-8") if out_path else stdout
     bar = ProgressBar(len(images)) if (args.progress and images) else None
@@ -166,7 +222,9 @@ def info(args: argparse.Namespace, stdout: TextIO) -> int:
 
     from .loaders import GRAPHS, SUFFIX
 
-    root = pathlib.Path(args.model)
+    root = pathlib.Path(args.model).expanduser()
+    if not root.is_dir():  # else the report would list no variants and exit 0
+        raise not_a_folder(str(root))
     onnx = root / "onnx" if (root / "onnx").is_dir() else root
     variants = {g: [p for p, s in SUFFIX.items() if (onnx / f"{g}{s}.onnx").exists()] for g in GRAPHS}
     report: dict[str, Any] = {"path": str(root), "graph_folder": str(onnx), "variants": variants}
@@ -200,7 +258,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--lark", help="Lark grammar file")
     c.add_argument("--prompt", default=None)
     c.add_argument("--out", help="JSON lines file (default: standard output)")
-    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--batch-size", type=positive_int, default=8)
     c.add_argument("--max-new-tokens", type=int, default=256)
     c.add_argument("--resume", action="store_true", help="skip images already in --out")
     c.add_argument("--no-progress", dest="progress", action="store_false")

@@ -97,21 +97,38 @@ Rules:
 - Output the JSON object alone: no markdown, no text around it."""
 
 
+_COUNT = "an integer of at least 1"
+
+
+def _invalid(field: str, value: object, expected: str, limit: str) -> InvalidOptionsError:
+    err = InvalidOptionsError(f"invalid option `{field}`: got {value!r}, expected {expected}")
+    err.field, err.value, err.limit = field, repr(value), limit
+    return err
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 class ImageAnalysisTask(Task[ImageAnalysis]):
     """Describes and tags images. ``extensions`` switches on optional fields (names from
-    ``EXTENSIONS``); ``max_items`` caps a list extension (an int for all, or a dict per
-    name); ``accept_empty`` accepts answers with nothing indexable."""
+    ``EXTENSIONS``; None is none); ``max_items`` caps a list extension (an int for all, or
+    a dict per name); ``accept_empty`` accepts answers with nothing indexable."""
 
     def __init__(
         self,
-        extensions: Iterable[str] = (),
+        extensions: Iterable[str] | None = (),
         description_max_chars: int = 120,
         tags_max_items: int = 8,
         max_items: int | Mapping[str, int] | None = None,
         accept_empty: bool = False,
     ) -> None:
-        if isinstance(extensions, str):
+        if extensions is None:
+            extensions = ()
+        elif isinstance(extensions, str):
             extensions = (extensions,)
+        elif not isinstance(extensions, Iterable):
+            raise _invalid("extensions", extensions, "a list of extension names", ", ".join(EXTENSIONS))
         exts = set()
         for name in extensions:
             if name not in EXTENSIONS:
@@ -122,25 +139,24 @@ class ImageAnalysisTask(Task[ImageAnalysis]):
                 raise err
             exts.add(name)
         for field, value in (("description_max_chars", description_max_chars), ("tags_max_items", tags_max_items)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                err = InvalidOptionsError(f"invalid option `{field}`: got {value!r}, expected an integer of at least 1")
-                err.field, err.value, err.limit = field, repr(value), "at least 1"
-                raise err
+            if not _is_count(value):
+                raise _invalid(field, value, _COUNT, "at least 1")
         caps = dict(DEFAULT_MAX_ITEMS)
-        if isinstance(max_items, int):
-            caps = {k: max_items for k in caps}
-        elif isinstance(max_items, Mapping):
+        if isinstance(max_items, Mapping):
             for k, v in max_items.items():
                 if k not in caps:
                     err = InvalidOptionsError(f"max_items: {k!r} is not a list extension ({', '.join(caps)})")
                     err.field, err.value, err.limit = "max_items", str(k), ", ".join(caps)
                     raise err
+                if not _is_count(v):
+                    raise _invalid(f"max_items.{k}", v, _COUNT, "at least 1")
                 caps[k] = v
-        for k, v in caps.items():
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                err = InvalidOptionsError(f"max_items[{k!r}]: got {v!r}, expected an integer of at least 1")
-                err.field, err.value, err.limit = f"max_items.{k}", repr(v), "at least 1"
-                raise err
+        elif max_items is not None:  # anything else (a float, a str, a list) was once ignored
+            if not _is_count(max_items):
+                raise _invalid("max_items", max_items, f"{_COUNT}, or a dict of them by list extension", "at least 1")
+            caps = dict.fromkeys(caps, max_items)
+        if not isinstance(accept_empty, bool):  # a truthy string such as "no" would accept
+            raise _invalid("accept_empty", accept_empty, "True or False", "True or False")
         caps["tags"] = tags_max_items
         self.extensions = frozenset(exts)
         self.description_max_chars = description_max_chars
@@ -297,13 +313,20 @@ class _Truncated(ValueError):
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
-def _has_lone_surrogate(v: Any) -> bool:
-    if isinstance(v, str):
-        return bool(_SURROGATE.search(v))
-    if isinstance(v, list):
-        return any(_has_lone_surrogate(x) for x in v)
-    if isinstance(v, dict):
-        return any(_has_lone_surrogate(k) or _has_lone_surrogate(x) for k, x in v.items())
+def _has_lone_surrogate(value: Any) -> bool:
+    # A work list, not recursion: json.loads accepts nesting a recursive walk, starting
+    # deeper in the stack, could not follow.
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return True
+        elif isinstance(v, list):
+            todo.extend(v)
+        elif isinstance(v, dict):
+            todo.extend(v)
+            todo.extend(v.values())
     return False
 
 
@@ -321,6 +344,8 @@ def _load_top_level(text: str) -> Any:
     except json.JSONDecodeError as e:
         if e.msg.startswith("Unterminated string") or e.pos >= len(text.rstrip(" \t\n\r")):
             raise _Truncated(str(e)) from None
+        raise _NotJson(str(e)) from None
+    except (ValueError, RecursionError) as e:  # an integer over Python's digit limit; too deep
         raise _NotJson(str(e)) from None
     if _has_lone_surrogate(value):
         raise _NotJson("a lone UTF-16 surrogate escape")

@@ -76,11 +76,16 @@ def _budget_json(budget: ImageBudget | Mapping[str, Any] | None) -> str:
     return json.dumps(coerce(ImageBudget, budget).to_dict())
 
 
+def _plan(width: int, height: int, budget_json: str) -> TileGrid:
+    """The one way to a plan, for ``plan`` and ``Preprocessor.plan``: sizes checked first."""
+    _sizes(ImageError, ("width", width), ("height", height))
+    return _grid(_lfm.plan(width, height, budget_json))
+
+
 def plan(width: int, height: int, budget: ImageBudget | Mapping[str, Any] | None = None) -> TileGrid:
     """The tile plan for an image of ``width x height`` pixels (width first). ``budget`` is
     an ``ImageBudget``, a plain dict of its fields, or None (the defaults)."""
-    _sizes(ImageError, ("width", width), ("height", height))
-    return _grid(_lfm.plan(width, height, _budget_json(budget)))
+    return _plan(width, height, _budget_json(budget))
 
 
 def placeholder_text(grid: TileGrid) -> str:
@@ -116,7 +121,7 @@ class Preprocessor:
         self._json = _budget_json(self.budget)
 
     def plan(self, width: int, height: int) -> TileGrid:
-        return _grid(_lfm.plan(width, height, self._json))
+        return _plan(width, height, self._json)
 
     def preprocess(self, image: ImageLike) -> PreprocessedImage:
         """Model-ready tensors of one image. ``pixel_values`` is a new array the caller owns;

@@ -73,7 +73,9 @@ class JsonTask(Task[Any]):
                 raise parse_error(f"cannot parse model output: {e}", "validation") from None
         try:
             return json.loads(text)
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:
+            # Besides JSONDecodeError: an integer over Python's digit limit is a ValueError,
+            # nesting deeper than the json module's stack a RecursionError.
             raise parse_error(f"cannot parse model output: not JSON: {e}", "json") from None
 
 
