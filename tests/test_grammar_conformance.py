@@ -122,3 +122,21 @@ def test_greedy_grammar_is_deterministic(engine: lfm.Engine) -> None:
     a = engine.generate("x", options={"max_new_tokens": 80}, grammar=grammar)
     b = engine.generate("x", options={"max_new_tokens": 80}, grammar=grammar)
     assert a.text == b.text and a.finish_reason == b.finish_reason
+
+
+@pytest.mark.parametrize(
+    "grammar",
+    [
+        lfm.Grammar.regex("<image>"),
+        lfm.Grammar.regex(r"x<\|im_end\|>"),
+        lfm.Grammar.json_schema({"const": "<|im_end|>"}),
+    ],
+    ids=["regex-image", "regex-im_end", "const-im_end"],
+)
+def test_grammars_may_force_the_text_of_special_tokens(engine: lfm.Engine, grammar: lfm.Grammar) -> None:
+    """Text a grammar forces is tokenized as text: "<image>" forced as the special token
+    (which the grammar does not allow) failed the request mid-generation."""
+    gen = engine.generate("x", options={"max_new_tokens": 30}, grammar=grammar)
+    assert gen.finish_reason == "grammar"
+    assert "<image>" in gen.text or "<|im_end|>" in gen.text
+    assert 396 not in gen.token_ids and 7 not in gen.token_ids  # <image>, <|im_end|>

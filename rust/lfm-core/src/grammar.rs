@@ -161,7 +161,12 @@ impl GrammarCompiler {
     /// `n_vocab` is the width of the model's logits; `eos` ends generation.
     pub fn new(tokenizer: &tokenizers::Tokenizer, n_vocab: usize, eos: u32) -> Result<Arc<Self>> {
         catch_panic("grammar compiler", || {
-            let mut bt = ByteTokenizer::from_tokenizer(tokenizer.clone())
+            // Text a grammar forces (a regex literal, a schema's const) is tokenized as text:
+            // left special, "<image>" would become the special token the grammar then
+            // refuses, failing the request mid-generation.
+            let mut text_only = tokenizer.clone();
+            text_only.set_encode_special_tokens(true);
+            let mut bt = ByteTokenizer::from_tokenizer(text_only)
                 .map_err(|e| Error::Internal(format!("grammar tokenizer: {e}")))?;
             bt.set_eos_token(eos);
             let env = bt.into_tok_env(Some(n_vocab)).map_err(|e| Error::Internal(format!("grammar tokenizer: {e}")))?;
@@ -200,8 +205,11 @@ impl Constraint {
         Ok(Constraint { matcher, trie: factory.tok_env().clone() })
     }
 
+    /// llguidance builds its lexer as the masks need it, so some grammars pass every
+    /// up-front check and hit its limits only mid-generation (a regex like `a{1000000}`:
+    /// "too many expressions"): the grammar's fault, so a `GrammarError`.
     fn step_err(&self, e: impl std::fmt::Display) -> Error {
-        Error::inference("grammar", e)
+        grammar_err(format!("the grammar could not be followed: {e}"))
     }
 
     /// True once the grammar is complete (no further token can be added).
