@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from typing import Any
 
 import lfm
 import numpy as np
@@ -316,6 +317,23 @@ def test_special_token_split_across_text_parts_is_refused(engine: lfm.Engine) ->
     with pytest.raises(lfm.RequestRejectedError, match="special token") as info:
         engine.generate([{"role": "user", "content": parts}], options={"max_new_tokens": 1})
     assert info.value.field == "messages[0].content"
+
+
+@pytest.mark.parametrize(
+    ("messages", "value"),
+    [
+        ("caption \ud800 this", "'\\ud800'"),
+        ([{"role": "user", "content": "x", "score": float("nan")}], "NaN or infinity"),
+        ([{"role": "user", "content": "x", "score": float("inf")}], "NaN or infinity"),
+    ],
+    ids=["lone-surrogate", "nan", "inf"],
+)
+def test_messages_that_are_not_text_or_json_are_rejected(engine: lfm.Engine, messages: Any, value: str) -> None:
+    with pytest.raises(lfm.RequestRejectedError) as info:
+        engine.generate(messages, options={"max_new_tokens": 1})
+    assert (info.value.field, info.value.value) == ("messages", value)
+    with pytest.raises(lfm.RequestRejectedError):
+        engine.apply_chat_template(messages)
 
 
 def test_images_none_is_no_images(engine: lfm.Engine) -> None:

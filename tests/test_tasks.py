@@ -30,6 +30,13 @@ def engine() -> lfm.Engine:
         lambda: lfm.Grammar.json_schema({"type": "wat"}),
         lambda: lfm.Grammar.json_schema({"oneOf": [{"type": "integer"}, {"type": "number"}]}),
         lambda: lfm.Grammar.json_schema({"$ref": "#/$defs/missing"}),
+        # Not text, not JSON, or past what Python's json reads: GrammarError, not a bare
+        # UnicodeEncodeError / ValueError / RecursionError.
+        lambda: lfm.Grammar.regex("a\ud800"),
+        lambda: lfm.Grammar.lark('start: "\ud800"'),
+        lambda: lfm.Grammar.json_schema({"type": "number", "maximum": float("nan")}),
+        lambda: lfm.Grammar.json_schema('{"const": ' + "1" * 5000 + "}"),
+        lambda: lfm.Grammar.json_schema("[" * 5000 + "]" * 5000),
     ],
 )
 def test_bad_grammars_raise_at_construction(make: Any) -> None:
@@ -169,3 +176,10 @@ def test_seed_reproduces_across_engine_instances() -> None:
     # Without a seed, sampled requests differ from one call to the next.
     free = lfm.RequestOptions(max_new_tokens=20, temperature=1.0)
     assert len({a.generate("hi", options=free).token_ids for _ in range(3)}) > 1
+
+
+def test_a_grammar_past_llguidances_limits_mid_generation_is_a_grammar_error(engine: lfm.Engine) -> None:
+    """llguidance builds its lexer lazily: `a{1000000}` compiles, then fails after the
+    first token ("too many expressions"). That is the grammar's fault: GrammarError."""
+    with pytest.raises(lfm.GrammarError, match="too many expressions"):
+        engine.generate("x", options={"max_new_tokens": 4}, grammar=lfm.Grammar.regex("a{1000000}"))

@@ -101,11 +101,32 @@ def prepare(messages: Messages, images: Images = ()) -> tuple[str, list[Any]]:
             len(pool),
             used,
         )
+    return messages_json(out), ordered
+
+
+def messages_json(messages: list[Any]) -> str:
+    """Messages as the JSON text the core reads. Objects JSON cannot hold are a
+    ``TypeError``; values it holds only by extension (NaN, infinity) and strings that are
+    not text (lone surrogates: UTF-8 cannot carry them) are refused as request errors."""
     try:
-        text = json.dumps(out, ensure_ascii=False)
-    except (TypeError, ValueError) as e:
+        text = json.dumps(messages, ensure_ascii=False, allow_nan=False)
+    except TypeError as e:
         raise TypeError(f"messages must be JSON-serialisable apart from images: {e}") from None
-    return text, ordered
+    except ValueError as e:  # NaN or infinity
+        raise rejected(
+            f"messages must hold finite numbers only: {e}", "messages", "NaN or infinity", "finite numbers"
+        ) from None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start : e.end]
+        raise rejected(
+            f"messages contain {bad!r}, a lone surrogate, which is not text (UTF-8 cannot carry it)",
+            "messages",
+            repr(bad),
+            "valid Unicode text",
+        ) from None
+    return text
 
 
 def template_json(messages: Messages) -> str:
@@ -121,7 +142,4 @@ def template_json(messages: Messages) -> str:
                 {"type": "image"} if isinstance(p, Mapping) and p.get("type") == "image" else p for p in content
             ]
         out.append(msg)
-    try:
-        return json.dumps(out, ensure_ascii=False)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"messages must be JSON-serialisable apart from images: {e}") from None
+    return messages_json(out)

@@ -9,8 +9,22 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from . import _lfm
+from .errors import GrammarError
 
 GrammarKind = Literal["json_schema", "lark", "regex"]
+
+
+def _invalid(reason: str) -> GrammarError:
+    return GrammarError(f"invalid grammar: {reason}")
+
+
+def _schema_json(schema: object) -> str:
+    try:
+        return json.dumps(schema, allow_nan=False)
+    except ValueError as e:  # NaN or infinity: not JSON
+        raise _invalid(f"the JSON Schema holds a number JSON cannot: {e}") from None
+    except RecursionError:
+        raise _invalid("the JSON Schema nests deeper than Python can write") from None
 
 
 class Grammar:
@@ -24,6 +38,10 @@ class Grammar:
             raise ValueError(f"unknown grammar kind {kind!r}; expected json_schema, lark or regex")
         if not isinstance(source, str):
             raise TypeError(f"grammar source must be a str, got {type(source).__name__}")
+        try:
+            source.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise _invalid(f"it contains {source[e.start : e.end]!r}, a lone surrogate, which is not text") from None
         _lfm.check_grammar(kind, source)
         self._kind: GrammarKind = kind
         self._source = source
@@ -49,13 +67,11 @@ class Grammar:
         if isinstance(schema, str):
             try:
                 parsed = json.loads(schema)
-            except json.JSONDecodeError as e:
-                from .errors import GrammarError
-
-                raise GrammarError(f"invalid grammar: the JSON Schema is not JSON: {e}") from None
-            source = json.dumps(parsed)
+            except (ValueError, RecursionError) as e:  # not JSON, or past Python's int/depth limits
+                raise _invalid(f"the JSON Schema is not JSON lfm can read: {e}") from None
+            source = _schema_json(parsed)
         elif isinstance(schema, Mapping):
-            source = json.dumps(schema)
+            source = _schema_json(schema)
         else:
             raise TypeError(
                 f"a JSON Schema must be a dict, a JSON string or a pydantic model class, got {type(schema).__name__}"
