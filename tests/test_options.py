@@ -43,6 +43,8 @@ def test_keyword_only_and_frozen() -> None:
         (lfm.RequestOptions, {"top_p": 1.5}, "top_p"),
         (lfm.RequestOptions, {"min_p": -0.1}, "min_p"),
         (lfm.RequestOptions, {"repetition_penalty": 0.0}, "repetition_penalty"),
+        # Would multiply logits past f32 (+inf; sampling then fails).
+        (lfm.RequestOptions, {"repetition_penalty": 1e-39}, "repetition_penalty"),
         (lfm.RequestOptions, {"stop": ("",)}, "stop"),
         (lfm.RequestOptions, {"timeout_s": -1.0}, "timeout_s"),
         # Longer than the clock can add (Rust's Duration/Instant would panic).
@@ -57,6 +59,9 @@ def test_keyword_only_and_frozen() -> None:
         (lfm.EngineOptions, {"variant": "q3"}, "variant"),
         (lfm.EngineOptions, {"max_batch_size": 0}, "max_batch_size"),
         (lfm.EngineOptions, {"intra_threads": 0}, "intra_threads"),
+        # ONNX Runtime would start ~3x that many threads: past the system's limit.
+        (lfm.EngineOptions, {"intra_threads": 65535}, "intra_threads"),
+        (lfm.EngineOptions, {"inter_threads": 257}, "inter_threads"),
     ],
 )
 def test_out_of_range_values_are_refused(cls: type, kwargs: dict, field: str) -> None:

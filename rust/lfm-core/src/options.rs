@@ -18,6 +18,8 @@ pub const MAX_IMAGE_TOKENS_CAP: usize = 1024;
 pub const MAX_NEW_TOKENS_CAP: usize = 32_768;
 /// Upper bound on `repetition_penalty`.
 pub const MAX_REPETITION_PENALTY: f32 = 100.0;
+/// Most ONNX Runtime threads per session (`intra_threads`, `inter_threads`).
+pub const MAX_THREADS: u16 = 256;
 /// Upper bound on `temperature`.
 pub const MAX_TEMPERATURE: f32 = 100.0;
 /// Temperatures in (0, this) overflow the scaled logits; 0 means greedy.
@@ -240,12 +242,14 @@ impl RequestOptions {
         if !(self.min_p.is_finite() && (0.0..=1.0).contains(&self.min_p)) {
             return Err(Error::option("min_p", self.min_p, "0 to 1"));
         }
+        // Bounded both ways: a penalty of 1e-39 multiplies a logit by 1e39, past f32.
         let r = self.repetition_penalty;
-        if !(r.is_finite() && r > 0.0 && r <= MAX_REPETITION_PENALTY) {
+        let min = 1.0 / MAX_REPETITION_PENALTY;
+        if !(r.is_finite() && (min..=MAX_REPETITION_PENALTY).contains(&r)) {
             return Err(Error::option(
                 "repetition_penalty",
                 r,
-                format!("above 0 and at most {MAX_REPETITION_PENALTY} (1.0 = off)"),
+                format!("{min} to {MAX_REPETITION_PENALTY} (1.0 = off)"),
             ));
         }
         if self.stop.len() > MAX_STOP_STRINGS {
@@ -428,9 +432,13 @@ impl EngineOptions {
                 return Err(Error::option("providers", p, format!("one of {}", KNOWN_PROVIDERS.join(", "))));
             }
         }
+        // ONNX Runtime starts that many threads for each of the three sessions: 65,535 is
+        // ~196,000 threads, past the system's limit (a crash inside session creation).
         for (name, v) in [("intra_threads", self.intra_threads), ("inter_threads", self.inter_threads)] {
-            if v == Some(0) {
-                return Err(Error::option(name, 0, "at least 1, or None for ONNX Runtime's choice"));
+            if let Some(n) = v
+                && !(1..=MAX_THREADS).contains(&n)
+            {
+                return Err(Error::option(name, n, format!("1 to {MAX_THREADS}, or None for ONNX Runtime's choice")));
             }
         }
         if self.max_batch_size == 0 || self.max_batch_size > 256 {
