@@ -16,6 +16,7 @@ use crate::preproc::decode::{DecodeLimits, decode, probe};
 use crate::preproc::pixels::{Padding, preprocess_padded};
 use crate::preproc::{Preprocessor, RgbImage, TileGrid, expand_placeholders};
 use crate::request::{Cancel, Generation, ImageSource, Timings, Usage};
+use crate::runtime::graph::Stop;
 use crate::runtime::{HybridCache, Model, ModelSpec, SessionConfig};
 use crate::sequence::{Sequence, Step, TextSink};
 use crate::tokenizer::TextTokenizer;
@@ -223,7 +224,7 @@ impl Engine {
         &self,
         prepared: &Prepared,
         timings: &mut Timings,
-        stop: &dyn Fn() -> bool,
+        stop: Stop<'_>,
     ) -> Result<Option<Vec<f32>>> {
         let hidden = self.model.spec.hidden;
         let dl = DecodeLimits::from(&self.options.limits);
@@ -269,19 +270,22 @@ impl Engine {
     }
 
     /// Runs the prompt through the decoder: the cache and the next-token logits, or `None`
-    /// when `stop` says so between images or prompt chunks (a cancelled request).
+    /// once `stop` says so (a cancelled request): between images or prompt chunks, and
+    /// within a vision or decoder run (`Model::until`).
     fn prefill(
         &self,
         prepared: &Prepared,
         timings: &mut Timings,
-        stop: &dyn Fn() -> bool,
+        stop: Stop<'_>,
     ) -> Result<Option<(HybridCache, Vec<f32>)>> {
-        let Some(embeds) = self.prompt_embeddings(prepared, timings, stop)? else { return Ok(None) };
-        let t = Instant::now();
-        let mut cache = self.model.new_cache()?;
-        let logits = self.model.prefill_until(embeds, &mut cache, stop)?;
-        timings.prefill_s += t.elapsed().as_secs_f64();
-        Ok(logits.map(|l| (cache, l)))
+        self.model.until(stop, || {
+            let Some(embeds) = self.prompt_embeddings(prepared, timings, stop)? else { return Ok(None) };
+            let t = Instant::now();
+            let mut cache = self.model.new_cache()?;
+            let logits = self.model.prefill_until(embeds, &mut cache, stop)?;
+            timings.prefill_s += t.elapsed().as_secs_f64();
+            Ok(logits.map(|l| (cache, l)))
+        })
     }
 
     /// The raw logits row for the token after the prompt.

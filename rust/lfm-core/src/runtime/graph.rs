@@ -104,6 +104,10 @@ pub struct Graph {
     pub inputs: Vec<Port>,
     pub outputs: Vec<Port>,
     session: Mutex<Session>,
+    /// The options of every run, per `Memory`: one set per graph, so that another thread
+    /// can set their terminate flag while a run is under way (`terminate`).
+    keep: RunOptions,
+    release: RunOptions,
 }
 
 impl std::fmt::Debug for Graph {
@@ -171,7 +175,9 @@ impl Graph {
         };
         let inputs = session.inputs().iter().map(|o| Port::from_outlet(o.name(), o.dtype())).collect();
         let outputs = session.outputs().iter().map(|o| Port::from_outlet(o.name(), o.dtype())).collect();
-        Ok(Graph { path: path.to_path_buf(), inputs, outputs, session: Mutex::new(session) })
+        let err = |e: ort::Error| Error::ModelLoad { path: path.to_path_buf(), detail: e.to_string() };
+        let (keep, release) = (RunOptions::new().map_err(err)?, release_options().map_err(err)?);
+        Ok(Graph { path: path.to_path_buf(), inputs, outputs, session: Mutex::new(session), keep, release })
     }
 
     pub fn input(&self, name: &str) -> Option<&Port> {
@@ -240,15 +246,10 @@ impl Graph {
                 None => binding.bind_output_to_device(name, &cpu).map_err(err)?,
             }
         }
-        let mut out = match memory {
-            Memory::Keep => session.run_binding(&binding).map_err(err)?,
-            Memory::Release => {
-                let options = release_options().map_err(err)?;
-                let out = session.run_binding_with_options(&binding, &options).map_err(err)?;
-                crate::heap::release_free_memory();
-                out
-            }
-        };
+        let mut out = session.run_binding_with_options(&binding, self.options(memory)).map_err(err)?;
+        if memory == Memory::Release {
+            crate::heap::release_free_memory();
+        }
         names
             .into_iter()
             .map(|n| {
@@ -283,18 +284,66 @@ impl Graph {
                 })
                 .collect()
         };
+        let outputs = take(session.run_with_options(inputs, self.options(memory)).map_err(err)?);
+        if memory == Memory::Release {
+            // The arena frees its regions to the C heap, which keeps blocks of up to 32 MB
+            // for reuse: trim it too, or each call leaves some resident.
+            crate::heap::release_free_memory();
+        }
+        outputs
+    }
+
+    fn options(&self, memory: Memory) -> &RunOptions {
         match memory {
-            Memory::Keep => take(session.run(inputs).map_err(err)?),
-            Memory::Release => {
-                let options = release_options().map_err(err)?;
-                let outputs = take(session.run_with_options(inputs, &options).map_err(err)?);
-                // The arena frees its regions to the C heap, which keeps blocks of up to
-                // 32 MB for reuse: trim it too, or each call leaves some resident.
-                crate::heap::release_free_memory();
-                outputs
-            }
+            Memory::Keep => &self.keep,
+            Memory::Release => &self.release,
         }
     }
+
+    /// Sets (or, with `false`, clears) the terminate flag of this graph's runs: a run under
+    /// way fails soon after, and so does every run until it is cleared.
+    pub fn terminate(&self, on: bool) {
+        for options in [&self.keep, &self.release] {
+            // Setting a flag fails only on a null handle, which these never are.
+            let _ = if on { options.terminate() } else { options.unterminate() };
+        }
+    }
+}
+
+/// Asked while long runs are under way: true once they should stop (a cancelled request).
+pub type Stop<'a> = &'a (dyn Fn() -> bool + Sync);
+
+/// Calls `f` (runs of `graphs`) while a watcher thread asks `stop` every 10 ms; once it
+/// says yes, the graphs' terminate flag stops the run under way (ONNX Runtime checks it
+/// between operators), so a cancelled request waits for neither a whole image nor a whole
+/// prompt. `None` once stopped, whatever `f` returned; the flags are cleared before this
+/// returns (the caller's next run is unaffected; a run on another thread in the
+/// microseconds between would fail too).
+pub fn until<T>(graphs: &[&Graph], stop: Stop<'_>, f: impl FnOnce() -> Result<Option<T>>) -> Result<Option<T>> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (done, stopped) = (AtomicBool::new(false), AtomicBool::new(false));
+    let result = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            while !done.load(Ordering::Acquire) {
+                if stop() {
+                    stopped.store(true, Ordering::Release);
+                    graphs.iter().for_each(|g| g.terminate(true));
+                    return;
+                }
+                std::thread::park_timeout(std::time::Duration::from_millis(10));
+            }
+        });
+        let result = f();
+        done.store(true, Ordering::Release);
+        watcher.thread().unpark();
+        let _ = watcher.join(); // it cannot panic: `stop` is the caller's, and cheap
+        result
+    });
+    if stopped.load(Ordering::Acquire) {
+        graphs.iter().for_each(|g| g.terminate(false));
+        return Ok(None);
+    }
+    result
 }
 
 /// Run options under which ONNX Runtime's CPU arena gives back what the run grew it by.

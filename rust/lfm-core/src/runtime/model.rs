@@ -9,7 +9,7 @@ use ort::value::DynValue;
 use crate::error::{Error, Result};
 use crate::preproc::PreprocessedImage;
 
-use super::graph::{Graph, Memory, Port, SessionConfig};
+use super::graph::{Graph, Memory, Port, SessionConfig, Stop};
 use super::tensor::{FloatType, check_finite, float_dims, float_value, i64_value, read_floats};
 
 /// Prompt positions per decoder call during prefill (see `Model::prefill`).
@@ -674,6 +674,12 @@ impl Model {
         self.decoder.run_bound("decoder", inputs, outputs, memory)
     }
 
+    /// Calls `f` (this model's work for one request's prompt) so that `stop` can end it
+    /// mid-run (`graph::until`): `None` once stopped.
+    pub fn until<T>(&self, stop: Stop<'_>, f: impl FnOnce() -> Result<Option<T>>) -> Result<Option<T>> {
+        super::graph::until(&[&self.vision, &self.embed, &self.decoder], stop, f)
+    }
+
     /// Runs a prompt (`embeds` is `[positions * hidden]`) into `cache` and returns the
     /// logits after its last position. On GroupQueryAttention decoders, which take new
     /// positions after a cache for one sequence, long prompts go in chunks (`Prefill`):
@@ -687,12 +693,7 @@ impl Model {
     /// `prefill`, asking `stop` before each chunk of a long prompt: `None` (and `cache`
     /// unusable) once it says yes, so a cancelled request does not wait for its whole
     /// prompt.
-    pub fn prefill_until(
-        &self,
-        embeds: Vec<f32>,
-        cache: &mut HybridCache,
-        stop: &dyn Fn() -> bool,
-    ) -> Result<Option<Vec<f32>>> {
+    pub fn prefill_until(&self, embeds: Vec<f32>, cache: &mut HybridCache, stop: Stop<'_>) -> Result<Option<Vec<f32>>> {
         let hidden = self.spec.hidden;
         let positions = embeds.len() / hidden;
         if stop() {
