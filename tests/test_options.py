@@ -53,6 +53,10 @@ def test_keyword_only_and_frozen() -> None:
         (lfm.ImageBudget, {"max_image_tokens": 2000}, "image_budget.max_image_tokens"),
         (lfm.ImageBudget, {"max_pixels_tolerance": 0.0}, "image_budget.max_pixels_tolerance"),
         (lfm.Limits, {"context_tokens": 0}, "limits.context_tokens"),
+        # Non-finite values are refused in Python; they carry the section prefix all the same.
+        (lfm.Limits, {"context_tokens": float("nan")}, "limits.context_tokens"),
+        (lfm.ImageBudget, {"max_pixels_tolerance": float("inf")}, "image_budget.max_pixels_tolerance"),
+        (lfm.EngineOptions, {"limits": {"max_image_side": float("inf")}}, "limits.max_image_side"),
         (lfm.EngineOptions, {"providers": ("tpu",)}, "providers"),
         (lfm.EngineOptions, {"variant": "q3"}, "variant"),
         (lfm.EngineOptions, {"max_batch_size": 0}, "max_batch_size"),

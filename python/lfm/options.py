@@ -14,6 +14,10 @@ from .errors import InvalidOptionsError
 
 _T = TypeVar("_T", bound="_Options")
 
+# Sections whose fields the core names with the section's prefix (`limits.context_tokens`),
+# also when the section is validated alone; Rust's options::NESTED_SECTIONS.
+_NESTED_SECTIONS = ("image_budget", "limits")
+
 
 def _reject_non_finite(kind: str, data: Mapping[str, Any], prefix: str = "") -> None:
     # JSON (the way options reach Rust) has no NaN or infinity, so they are refused here.
@@ -27,7 +31,7 @@ def _reject_non_finite(kind: str, data: Mapping[str, Any], prefix: str = "") -> 
 
 
 def _validated(kind: str, data: Mapping[str, Any]) -> dict[str, Any]:
-    _reject_non_finite(kind, data)
+    _reject_non_finite(kind, data, f"{kind}." if kind in _NESTED_SECTIONS else "")
     normalised: dict[str, Any] = json.loads(_lfm.validate_options(kind, json.dumps(data)))
     return normalised
 
