@@ -132,3 +132,14 @@ def test_options_accept_dicts_where_objects_go() -> None:
     e = lfm.EngineOptions(image_budget={"max_tiles": 4}, limits={"max_messages": 3})  # type: ignore[arg-type]
     assert e.image_budget.max_tiles == 4 and e.limits.max_messages == 3
     assert lfm.RequestOptions(stop="END").stop == ("END",)
+
+
+@pytest.mark.parametrize("field", ["image_budget", "limits"])
+@pytest.mark.parametrize("value", [[1, 1, 1, 1, 1, 1], (64,), [], None, "fast"])
+def test_a_section_must_be_its_object_or_a_dict(field: str, value: object) -> None:
+    """The core would fill a section's fields from a list by position; a section is its
+    options object or a dict, else the error names the section."""
+    for build in (lambda: lfm.EngineOptions(**{field: value}), lambda: lfm.EngineOptions.from_dict({field: value})):
+        with pytest.raises(lfm.InvalidOptionsError) as info:
+            build()
+        assert info.value.field == field and info.value.value and info.value.limit

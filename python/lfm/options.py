@@ -19,13 +19,17 @@ _T = TypeVar("_T", bound="_Options")
 _NESTED_SECTIONS = ("image_budget", "limits")
 
 
+def _invalid(field: str, value: object, limit: str) -> InvalidOptionsError:
+    err = InvalidOptionsError(f"invalid option `{field}`: got {value}, expected {limit}")
+    err.field, err.value, err.limit = field, str(value), limit
+    return err
+
+
 def _reject_non_finite(kind: str, data: Mapping[str, Any], prefix: str = "") -> None:
     # JSON (the way options reach Rust) has no NaN or infinity, so they are refused here.
     for k, v in data.items():
         if isinstance(v, float) and not math.isfinite(v):
-            err = InvalidOptionsError(f"invalid option `{prefix}{k}`: got {v}, expected a finite number")
-            err.field, err.value, err.limit = f"{prefix}{k}", str(v), "a finite number"
-            raise err
+            raise _invalid(f"{prefix}{k}", v, "a finite number")
         if isinstance(v, Mapping):
             _reject_non_finite(kind, v, f"{prefix}{k}.")
 
@@ -172,10 +176,14 @@ class EngineOptions(_Options):
     batching: str = "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.image_budget, Mapping):
-            object.__setattr__(self, "image_budget", ImageBudget.from_dict(self.image_budget))
-        if isinstance(self.limits, Mapping):
-            object.__setattr__(self, "limits", Limits.from_dict(self.limits))
+        section: type[_Options]
+        for name, section in (("image_budget", ImageBudget), ("limits", Limits)):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, section.from_dict(value))
+            elif not isinstance(value, section):
+                # Refused here: the core would read a list's items into the fields by position.
+                raise _invalid(name, type(value).__name__, f"an lfm.{section.__name__} or a dict")
         if isinstance(self.providers, str):
             object.__setattr__(self, "providers", (self.providers,))
         else:
