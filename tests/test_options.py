@@ -4,8 +4,11 @@ name the field, the value and the allowed range, and dict round-trips."""
 from __future__ import annotations
 
 import dataclasses
+import decimal
+import fractions
 
 import lfm
+import numpy as np
 import pytest
 
 
@@ -143,3 +146,32 @@ def test_a_section_must_be_its_object_or_a_dict(field: str, value: object) -> No
         with pytest.raises(lfm.InvalidOptionsError) as info:
             build()
         assert info.value.field == field and info.value.value and info.value.limit
+
+
+def test_numpy_numbers_stand_for_python_numbers() -> None:
+    """A value read from an array (np.int64, np.float32, np.bool_) is the number it holds,
+    in keywords and in dicts (the form ``generate(options=...)`` takes)."""
+    kwargs = {"max_new_tokens": np.int64(8), "temperature": np.float32(0.5), "seed": np.uint64(3)}
+    for r in (lfm.RequestOptions(**kwargs), lfm.RequestOptions.from_dict(kwargs)):
+        assert r == lfm.RequestOptions(max_new_tokens=8, temperature=0.5, seed=3)
+        assert type(r.max_new_tokens) is int and type(r.temperature) is float and type(r.seed) is int
+    e = lfm.EngineOptions(max_batch_size=np.int32(4), limits={"context_tokens": np.int16(4096)})
+    assert type(e.max_batch_size) is int and e.limits.context_tokens == 4096
+    assert lfm.ImageBudget(use_thumbnail=np.bool_(False)).use_thumbnail is False
+    with pytest.raises(lfm.InvalidOptionsError) as info:
+        lfm.RequestOptions(temperature=np.float32("nan"))
+    assert info.value.field == "temperature"
+
+
+@pytest.mark.parametrize("value", [decimal.Decimal("0.5"), fractions.Fraction(1, 2), 0.5j, object(), np.array(0.5)])
+def test_values_json_cannot_carry_name_the_field(value: object) -> None:
+    for build in (
+        lambda: lfm.RequestOptions(temperature=value),
+        lambda: lfm.RequestOptions.from_dict({"temperature": value}),
+    ):
+        with pytest.raises(lfm.InvalidOptionsError) as info:
+            build()
+        assert info.value.field == "temperature" and info.value.value and info.value.limit
+    with pytest.raises(lfm.InvalidOptionsError) as info:
+        lfm.EngineOptions(limits={"max_image_side": value})
+    assert info.value.field == "limits.max_image_side"

@@ -9,6 +9,8 @@ import math
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+import numpy as np
+
 from . import _lfm
 from .errors import InvalidOptionsError
 
@@ -25,18 +27,38 @@ def _invalid(field: str, value: object, limit: str) -> InvalidOptionsError:
     return err
 
 
-def _reject_non_finite(kind: str, data: Mapping[str, Any], prefix: str = "") -> None:
-    # JSON (the way options reach Rust) has no NaN or infinity, so they are refused here.
-    for k, v in data.items():
-        if isinstance(v, float) and not math.isfinite(v):
-            raise _invalid(f"{prefix}{k}", v, "a finite number")
-        if isinstance(v, Mapping):
-            _reject_non_finite(kind, v, f"{prefix}{k}.")
+def _python_number(value: Any) -> Any:
+    """A numpy number (``np.int64(8)``, an array's element) as the Python number it holds;
+    anything else unchanged."""
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
+def _json_ready(value: Any, field: str) -> Any:
+    """``value`` as data JSON (the way options reach Rust) can carry: numpy numbers become
+    Python numbers; NaN, infinity and other types (Decimal, complex, objects) are refused,
+    naming ``field``."""
+    value = _python_number(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _invalid(field, value, "a finite number")
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    if isinstance(value, Mapping):
+        return {k: _json_ready(v, f"{field}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v, field) for v in value]
+    raise _invalid(field, repr(value), "an int, float, bool, str, list or dict")
 
 
 def _validated(kind: str, data: Mapping[str, Any]) -> dict[str, Any]:
-    _reject_non_finite(kind, data, f"{kind}." if kind in _NESTED_SECTIONS else "")
-    normalised: dict[str, Any] = json.loads(_lfm.validate_options(kind, json.dumps(data)))
+    prefix = f"{kind}." if kind in _NESTED_SECTIONS else ""
+    ready = {k: _json_ready(v, f"{prefix}{k}") for k, v in data.items()}
+    normalised: dict[str, Any] = json.loads(_lfm.validate_options(kind, json.dumps(ready)))
     return normalised
 
 
@@ -63,10 +85,19 @@ class _Options:
         """Builds the options from a dict; unknown keys are refused, naming the allowed ones."""
         if not isinstance(data, Mapping):
             raise TypeError(f"{cls.__name__}.from_dict expects a mapping, got {type(data).__name__}")
-        _validated(cls._kind, data)  # refuses unknown keys with the list of allowed ones
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = [k for k in data if k not in known]
+        if unknown:
+            # The core refuses them, naming the allowed keys (the values do not matter).
+            _validated(cls._kind, dict.fromkeys(unknown))
+        # The constructor normalises the values as it does for keywords (numpy numbers)
+        # before the core validates them.
         return cls(**dict(data))
 
     def _check(self) -> None:
+        # The object keeps the Python number a numpy one stands for, as the core reads it.
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            object.__setattr__(self, f.name, _python_number(getattr(self, f.name)))
         _validated(self._kind, self.to_dict())
 
 
@@ -130,7 +161,7 @@ class RequestOptions(_Options):
     strings end the output where one first appears (it is left out of the text); a request
     with a grammar takes none, since the grammar decides where constrained output ends.
     ``timeout_s`` (at most a year) ends the request with ``finish_reason="cancelled"``,
-    also while it waits for its turn."""
+    also while it waits for its turn. Numbers may be numpy numbers."""
 
     _kind = "request"
     max_new_tokens: int = 512
