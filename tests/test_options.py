@@ -175,3 +175,19 @@ def test_values_json_cannot_carry_name_the_field(value: object) -> None:
     with pytest.raises(lfm.InvalidOptionsError) as info:
         lfm.EngineOptions(limits={"max_image_side": value})
     assert info.value.field == "limits.max_image_side"
+
+
+def test_none_for_stop_and_providers_is_the_default() -> None:
+    assert lfm.RequestOptions(stop=None).stop == () == lfm.RequestOptions.from_dict({"stop": None}).stop  # type: ignore[arg-type]
+    assert lfm.EngineOptions(providers=None).providers == lfm.EngineOptions().providers  # type: ignore[arg-type]
+    assert lfm.EngineOptions.from_dict({"providers": None}) == lfm.EngineOptions()
+
+
+@pytest.mark.parametrize("value", [5, {"a": 1}, b"ab"])
+def test_stop_and_providers_that_are_not_strings_name_the_field(value: object) -> None:
+    with pytest.raises(lfm.InvalidOptionsError) as info:
+        lfm.RequestOptions(stop=value)  # type: ignore[arg-type]
+    assert info.value.field == "stop"
+    with pytest.raises(lfm.InvalidOptionsError) as info:
+        lfm.EngineOptions(providers=value)  # type: ignore[arg-type]
+    assert info.value.field == "providers"

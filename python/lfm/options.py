@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 import numpy as np
@@ -19,6 +19,7 @@ _T = TypeVar("_T", bound="_Options")
 # Sections whose fields the core names with the section's prefix (`limits.context_tokens`),
 # also when the section is validated alone; Rust's options::NESTED_SECTIONS.
 _NESTED_SECTIONS = ("image_budget", "limits")
+_DEFAULT_PROVIDERS = ("cpu",)
 
 
 def _invalid(field: str, value: object, limit: str) -> InvalidOptionsError:
@@ -62,6 +63,17 @@ def _validated(kind: str, data: Mapping[str, Any]) -> dict[str, Any]:
     return normalised
 
 
+def _str_tuple(value: Any, field: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A str or an iterable of str as a tuple (the core checks the items); None is the default."""
+    if value is None:
+        return default
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (Mapping, bytes, bytearray)) or not isinstance(value, Iterable):
+        raise _invalid(field, type(value).__name__, "a str or a list of str")
+    return tuple(value)
+
+
 class _Options:
     """Shared dict round-trip; subclasses are frozen keyword-only dataclasses."""
 
@@ -90,8 +102,8 @@ class _Options:
         if unknown:
             # The core refuses them, naming the allowed keys (the values do not matter).
             _validated(cls._kind, dict.fromkeys(unknown))
-        # The constructor normalises the values as it does for keywords (numpy numbers)
-        # before the core validates them.
+        # The constructor normalises the values as it does for keywords (None for a default,
+        # numpy numbers) before the core validates them.
         return cls(**dict(data))
 
     def _check(self) -> None:
@@ -161,7 +173,7 @@ class RequestOptions(_Options):
     strings end the output where one first appears (it is left out of the text); a request
     with a grammar takes none, since the grammar decides where constrained output ends.
     ``timeout_s`` (at most a year) ends the request with ``finish_reason="cancelled"``,
-    also while it waits for its turn. Numbers may be numpy numbers."""
+    also while it waits for its turn. Numbers may be numpy numbers; ``stop=None`` is none."""
 
     _kind = "request"
     max_new_tokens: int = 512
@@ -176,10 +188,7 @@ class RequestOptions(_Options):
     timeout_s: float | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop", _str_tuple(self.stop, "stop", ()))
         self._check()
 
     @classmethod
@@ -196,7 +205,7 @@ class EngineOptions(_Options):
 
     _kind = "engine"
     variant: str | Mapping[str, str] = "fp32"
-    providers: tuple[str, ...] = ("cpu",)
+    providers: tuple[str, ...] = _DEFAULT_PROVIDERS
     intra_threads: int | None = None
     inter_threads: int | None = None
     image_budget: ImageBudget = dataclasses.field(default_factory=ImageBudget)
@@ -215,10 +224,7 @@ class EngineOptions(_Options):
             elif not isinstance(value, section):
                 # Refused here: the core would read a list's items into the fields by position.
                 raise _invalid(name, type(value).__name__, f"an lfm.{section.__name__} or a dict")
-        if isinstance(self.providers, str):
-            object.__setattr__(self, "providers", (self.providers,))
-        else:
-            object.__setattr__(self, "providers", tuple(self.providers))
+        object.__setattr__(self, "providers", _str_tuple(self.providers, "providers", _DEFAULT_PROVIDERS))
         self._check()
 
 
