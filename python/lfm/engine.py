@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -259,7 +260,13 @@ class Engine:
     ) -> TextStream:
         """Like ``generate``, yielding text as it is produced (never splitting a character;
         the pieces join to ``generate(...).text``). After the last piece, the iterator's
-        ``generation`` holds the whole ``Generation``."""
+        ``generation`` holds the whole ``Generation``. In a ``with`` block, leaving it early
+        (``break``, an error, Ctrl-C) cancels the request::
+
+            with engine.stream("Tell me a story.") as pieces:
+                for piece in pieces:
+                    print(piece, end="")
+        """
         return TextStream(self._submit(messages, images, options, grammar, True))
 
     def run(
@@ -323,16 +330,33 @@ def _grammar_spec(grammar: Grammar | None) -> tuple[str, str] | None:
 
 
 class TextStream:
-    """Iterator of text pieces; ``generation`` is set once it is exhausted."""
+    """Iterator of text pieces; ``generation`` is set once it is exhausted. As a context
+    manager, it cancels the request when the ``with`` block is left, however it is left
+    (a finished request is unaffected). An exception raised while it waits for a piece
+    (Ctrl-C included) cancels the request too."""
 
     def __init__(self, core: Any) -> None:
         self._core = core
         self.generation: Generation | None = None
+        # One reader at a time. A second one is refused before __next__'s try, so that its
+        # error does not cancel the request the first one reads.
+        self._reading = threading.Lock()
 
     def __iter__(self) -> TextStream:
         return self
 
+    def __enter__(self) -> TextStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # Ctrl-C can land in the loop's body, between pieces, where __next__ cannot see it;
+        # without this the request runs on while anything (a saved traceback) holds the
+        # stream.
+        self.cancel()
+
     def __next__(self) -> str:
+        if not self._reading.acquire(blocking=False):
+            raise ValueError("stream used from two threads at once")
         try:
             piece: str = next(self._core)
             return piece
@@ -342,9 +366,18 @@ class TextStream:
                 if result is not None:
                     self.generation = Generation._from_core(result)
             raise
+        except BaseException:
+            # Most often Ctrl-C, raised as the piece arrives (the core cancels on its own
+            # only when the signal comes while it waits). After an error the request has
+            # ended already and this changes nothing.
+            self._core.cancel()
+            raise
+        finally:
+            self._reading.release()
 
     def cancel(self) -> None:
-        """Stops the generation at the next decode step."""
+        """Stops the generation at the next decode step; the pieces already made can still
+        be read, and then ``generation`` holds the result (``finish_reason="cancelled"``)."""
         self._core.cancel()
 
 
