@@ -162,6 +162,44 @@ def test_ctrl_c_cancels_a_batch_promptly(engine: lfm.Engine) -> None:
     assert len(engine.generate("Hi", options=opts(4)).token_ids) == 4
 
 
+class Words(lfm.Task[str]):
+    """Output that only ends at max_new_tokens (with min_new_tokens set)."""
+
+    def prompt(self) -> str:
+        return "Describe."
+
+    def grammar(self) -> lfm.Grammar:
+        return lfm.Grammar.regex("[a-z ]*")
+
+    def parse(self, text: str) -> str:
+        return text
+
+
+@pytest.mark.parametrize("call", ["generate_batch", "run_batch"])
+def test_ctrl_c_while_a_batch_is_submitted_cancels_what_was_submitted(
+    engine: lfm.Engine, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    """Ctrl-C during the third item's submission (converting a big image, say) cancels the
+    two items already running instead of leaving them to the saved traceback."""
+    submitted: list[Any] = []
+    submit = engine._submit
+
+    def interrupted_on_the_third(*args: Any) -> Any:
+        if len(submitted) == 2:
+            raise KeyboardInterrupt
+        submitted.append(submit(*args))
+        return submitted[-1]
+
+    monkeypatch.setattr(engine, "_submit", interrupted_on_the_third)
+    long = opts(5000, min_new_tokens=5000)
+    with pytest.raises(KeyboardInterrupt):
+        if call == "generate_batch":
+            engine.generate_batch(PROMPTS[:4], options=long)
+        else:
+            engine.run_batch(Words(), [np.zeros((32, 32, 3), np.uint8)] * 4, long)
+    assert [h.wait()["finish_reason"] for h in submitted] == ["cancelled", "cancelled"]
+
+
 def test_a_bad_progress_argument_cancels_the_batch(engine: lfm.Engine) -> None:
     with pytest.raises(TypeError) as info:
         engine.generate_batch(PROMPTS, options=opts(5000, min_new_tokens=5000), progress=5)  # type: ignore[arg-type]

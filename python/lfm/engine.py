@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import _lfm, _ort
-from ._batch import Progress, collect
+from ._batch import Progress, collect, submit_all
 from ._images import ImageLike
 from ._messages import Images, Messages, is_one_image, prepare, rejected, template_json
 from .bundled import check_against_bundled
@@ -187,12 +187,10 @@ class Engine:
                 len(images),
                 len(messages),
             )
-        handles: list[Any] = []
-        for i, m in enumerate(messages):
-            try:
-                handles.append(self._submit(m, images[i] if images is not None else (), options, grammar, False))
-            except Exception as e:
-                handles.append(e)
+        handles = submit_all(
+            range(len(messages)),
+            lambda i: self._submit(messages[i], images[i] if images is not None else (), options, grammar, False),
+        )
         return collect(handles, lambda i, g: g, progress, self._core)
 
     def run_batch(
@@ -214,13 +212,12 @@ class Engine:
                 "a list of items",
             )
         prompt, grammar = task.prompt(), task.grammar()
-        handles: list[Any] = []
-        for item in items:
+
+        def submit(item: ImageLike | Sequence[ImageLike]) -> Any:
             imgs: list[ImageLike] = list(item) if isinstance(item, (list, tuple)) else [item]  # type: ignore[list-item]
-            try:
-                handles.append(self._submit(prompt, imgs, options, grammar, False))
-            except Exception as e:
-                handles.append(e)
+            return self._submit(prompt, imgs, options, grammar, False)
+
+        handles = submit_all(items, submit)
         return collect(handles, lambda i, g: _parse(task, g), progress, self._core)
 
     async def agenerate(
