@@ -8,6 +8,7 @@ import asyncio
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +260,61 @@ def test_async_does_not_block_the_loop(engine: lfm.Engine) -> None:
     ticks, gens = asyncio.run(main())
     assert ticks > 3
     assert [g.token_ids for g in gens] == [engine.generate(p, options=opts(40)).token_ids for p in PROMPTS[:4]]
+
+
+def test_async_requests_leave_the_default_executor_free(engine: lfm.Engine) -> None:
+    """Each awaited request waits on one of lfm's threads, not on the loop's default
+    executor, which asyncio.to_thread and DNS lookups share (one thread here)."""
+
+    async def main() -> tuple[bool, list[str]]:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=1))
+        long = opts(20000, min_new_tokens=20000)
+        tasks = [asyncio.create_task(engine.agenerate(p, options=long)) for p in PROMPTS[:2]]
+        try:
+            await asyncio.wait_for(asyncio.to_thread(lambda: None), timeout=60)
+            return not any(t.done() for t in tasks), [t.name for t in threading.enumerate()]
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    in_flight, threads = asyncio.run(main())
+    assert in_flight and any(name.startswith("lfm-") for name in threads)
+
+
+def test_async_submission_runs_off_the_loop_and_cancelling_it_cancels_the_request(
+    engine: lfm.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The submission (image conversion) runs off the event loop; a task cancelled during
+    it cancels the request the submission then starts."""
+    started, release, done = threading.Event(), threading.Event(), threading.Event()
+    submitted: list[tuple[bool, Any]] = []
+    submit = engine._submit
+
+    def slow_submit(*args: Any) -> Any:
+        # Stands in for converting a big image; only the loop, if it is free, releases it.
+        started.set()
+        released = release.wait(timeout=30)
+        submitted.append((released, submit(*args)))
+        done.set()
+        return submitted[-1][1]
+
+    monkeypatch.setattr(engine, "_submit", slow_submit)
+
+    async def main() -> None:
+        task = asyncio.create_task(engine.agenerate("Go on.", options=opts(20000, min_new_tokens=20000)))
+        while not started.is_set():  # (a submission cancelled before it starts never runs)
+            await asyncio.sleep(0.01)
+        task.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert done.wait(timeout=60)
+    released, handle = submitted[0]
+    assert released, "the submission blocked the event loop"
+    assert handle.wait()["finish_reason"] == "cancelled"
 
 
 def test_arun(engine: lfm.Engine) -> None:

@@ -9,6 +9,7 @@ import os
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -228,11 +229,20 @@ class Engine:
         grammar: Grammar | None = None,
     ) -> Generation:
         """``generate`` for asyncio: awaits without blocking the event loop; cancelling the
-        task cancels the request."""
-        handle = self._submit(messages, images, options, grammar, False)
-        loop = asyncio.get_running_loop()
+        task cancels the request. The waiting happens on lfm's own threads, leaving the
+        loop's default executor (``asyncio.to_thread``) free."""
+        pool = _async_pool()
+        # Submitted off the loop too: converting the images (decoding a lazily opened PIL
+        # image, copying a large array) can take a while.
+        submitting = pool.submit(self._submit, messages, images, options, grammar, False)
         try:
-            d = await loop.run_in_executor(None, handle.wait)
+            handle = await asyncio.wrap_future(submitting)
+        except BaseException:
+            # Cancelled during the submission, which still runs: cancel what it starts.
+            submitting.add_done_callback(_cancel_submitted)
+            raise
+        try:
+            d = await asyncio.wrap_future(pool.submit(handle.wait))
         except BaseException:
             handle.cancel()
             raise
@@ -300,6 +310,27 @@ class Engine:
             add_generation_prompt,
         )
         return rendered
+
+
+_pool_lock = threading.Lock()
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _async_pool() -> ThreadPoolExecutor:
+    """The threads agenerate and arun wait on, one per request in flight; the loop's
+    default executor has few (cpu_count + 4 at most 32), shared with ``asyncio.to_thread``
+    and DNS lookups. Made on first use, and again in a forked child (a copied pool has no
+    threads)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(max_workers=64, thread_name_prefix="lfm-async"))
+        return _pool[1]
+
+
+def _cancel_submitted(submitting: Future[Any]) -> None:
+    if not submitting.cancelled() and submitting.exception() is None:
+        submitting.result().cancel()
 
 
 def _parse(task: Task[Out], gen: Generation) -> Out:
