@@ -3,6 +3,10 @@ to generate(...).text, and work with grammars and stop strings."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import lfm
 import pytest
 from conftest import MODELS
@@ -135,3 +139,31 @@ def test_an_exception_while_waiting_for_a_piece_cancels_the_request(engine: lfm.
     with pytest.raises(KeyboardInterrupt):
         next(stream)
     assert core.wait()["finish_reason"] == "cancelled"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_stream_read_in_a_forked_child_raises(engine: lfm.Engine) -> None:
+    """The child has none of the threads that feed the parent's stream: reading it there
+    raises, as the engine does, instead of waiting forever."""
+    stream = engine.stream("Go on.", options=LONG)
+    next(stream)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            next(stream)
+        except lfm.LfmError as e:
+            code = 0 if "fork" in str(e) and "os._exit" in str(e) else 2
+        finally:
+            # Never a normal exit (pytest would go on in the child; ONNX Runtime can hang it).
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while (ended := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if ended[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    stream.cancel()
+    list(stream)
+    assert ended[0] == pid, "the child hung reading the stream"
+    assert os.waitstatus_to_exitcode(ended[1]) == 0

@@ -123,11 +123,7 @@ class Engine:
         return stats
 
     def _check_process(self) -> Any:
-        if os.getpid() != self._pid:
-            raise LfmError(
-                "this Engine was created in another process: ONNX Runtime does not survive fork(); "
-                "create the Engine in the child, or use the 'spawn' start method"
-            )
+        _refuse_after_fork(self._pid, "Engine")
         return self._core
 
     def generate(
@@ -312,6 +308,17 @@ class Engine:
         return rendered
 
 
+def _refuse_after_fork(pid: int, what: str) -> None:
+    """Refuses an engine or stream made before a fork(): the child has none of the threads
+    that would answer it (a stream read there waited forever)."""
+    if os.getpid() != pid:
+        raise LfmError(
+            f"this {what} was created in another process: ONNX Runtime does not survive fork(); "
+            "create the Engine in the child, or use the 'spawn' start method (a forked child of a "
+            "process with an Engine should end with os._exit(): ONNX Runtime can hang its normal exit)"
+        )
+
+
 _pool_lock = threading.Lock()
 _pool: tuple[int, ThreadPoolExecutor] | None = None
 
@@ -365,6 +372,7 @@ class TextStream:
 
     def __init__(self, core: Any) -> None:
         self._core = core
+        self._pid = os.getpid()
         self.generation: Generation | None = None
         # One reader at a time. A second one is refused before __next__'s try, so that its
         # error does not cancel the request the first one reads.
@@ -383,6 +391,7 @@ class TextStream:
         self.cancel()
 
     def __next__(self) -> str:
+        _refuse_after_fork(self._pid, "stream")
         if not self._reading.acquire(blocking=False):
             raise ValueError("stream used from two threads at once")
         try:
