@@ -4,8 +4,11 @@ name the field, the value and the allowed range, and dict round-trips."""
 from __future__ import annotations
 
 import dataclasses
+import decimal
+import fractions
 
 import lfm
+import numpy as np
 import pytest
 
 
@@ -55,6 +58,10 @@ def test_keyword_only_and_frozen() -> None:
         (lfm.ImageBudget, {"max_image_tokens": 2000}, "image_budget.max_image_tokens"),
         (lfm.ImageBudget, {"max_pixels_tolerance": 0.0}, "image_budget.max_pixels_tolerance"),
         (lfm.Limits, {"context_tokens": 0}, "limits.context_tokens"),
+        # Non-finite values are refused in Python; they carry the section prefix all the same.
+        (lfm.Limits, {"context_tokens": float("nan")}, "limits.context_tokens"),
+        (lfm.ImageBudget, {"max_pixels_tolerance": float("inf")}, "image_budget.max_pixels_tolerance"),
+        (lfm.EngineOptions, {"limits": {"max_image_side": float("inf")}}, "limits.max_image_side"),
         (lfm.EngineOptions, {"providers": ("tpu",)}, "providers"),
         (lfm.EngineOptions, {"variant": "q3"}, "variant"),
         (lfm.EngineOptions, {"max_batch_size": 0}, "max_batch_size"),
@@ -133,3 +140,59 @@ def test_options_accept_dicts_where_objects_go() -> None:
     e = lfm.EngineOptions(image_budget={"max_tiles": 4}, limits={"max_messages": 3})  # type: ignore[arg-type]
     assert e.image_budget.max_tiles == 4 and e.limits.max_messages == 3
     assert lfm.RequestOptions(stop="END").stop == ("END",)
+
+
+@pytest.mark.parametrize("field", ["image_budget", "limits"])
+@pytest.mark.parametrize("value", [[1, 1, 1, 1, 1, 1], (64,), [], None, "fast"])
+def test_a_section_must_be_its_object_or_a_dict(field: str, value: object) -> None:
+    """The core would fill a section's fields from a list by position; a section is its
+    options object or a dict, else the error names the section."""
+    for build in (lambda: lfm.EngineOptions(**{field: value}), lambda: lfm.EngineOptions.from_dict({field: value})):
+        with pytest.raises(lfm.InvalidOptionsError) as info:
+            build()
+        assert info.value.field == field and info.value.value and info.value.limit
+
+
+def test_numpy_numbers_stand_for_python_numbers() -> None:
+    """A value read from an array (np.int64, np.float32, np.bool_) is the number it holds,
+    in keywords and in dicts (the form ``generate(options=...)`` takes)."""
+    kwargs = {"max_new_tokens": np.int64(8), "temperature": np.float32(0.5), "seed": np.uint64(3)}
+    for r in (lfm.RequestOptions(**kwargs), lfm.RequestOptions.from_dict(kwargs)):
+        assert r == lfm.RequestOptions(max_new_tokens=8, temperature=0.5, seed=3)
+        assert type(r.max_new_tokens) is int and type(r.temperature) is float and type(r.seed) is int
+    e = lfm.EngineOptions(max_batch_size=np.int32(4), limits={"context_tokens": np.int16(4096)})
+    assert type(e.max_batch_size) is int and e.limits.context_tokens == 4096
+    assert lfm.ImageBudget(use_thumbnail=np.bool_(False)).use_thumbnail is False
+    with pytest.raises(lfm.InvalidOptionsError) as info:
+        lfm.RequestOptions(temperature=np.float32("nan"))
+    assert info.value.field == "temperature"
+
+
+@pytest.mark.parametrize("value", [decimal.Decimal("0.5"), fractions.Fraction(1, 2), 0.5j, object(), np.array(0.5)])
+def test_values_json_cannot_carry_name_the_field(value: object) -> None:
+    for build in (
+        lambda: lfm.RequestOptions(temperature=value),
+        lambda: lfm.RequestOptions.from_dict({"temperature": value}),
+    ):
+        with pytest.raises(lfm.InvalidOptionsError) as info:
+            build()
+        assert info.value.field == "temperature" and info.value.value and info.value.limit
+    with pytest.raises(lfm.InvalidOptionsError) as info:
+        lfm.EngineOptions(limits={"max_image_side": value})
+    assert info.value.field == "limits.max_image_side"
+
+
+def test_none_for_stop_and_providers_is_the_default() -> None:
+    assert lfm.RequestOptions(stop=None).stop == () == lfm.RequestOptions.from_dict({"stop": None}).stop  # type: ignore[arg-type]
+    assert lfm.EngineOptions(providers=None).providers == lfm.EngineOptions().providers  # type: ignore[arg-type]
+    assert lfm.EngineOptions.from_dict({"providers": None}) == lfm.EngineOptions()
+
+
+@pytest.mark.parametrize("value", [5, {"a": 1}, b"ab"])
+def test_stop_and_providers_that_are_not_strings_name_the_field(value: object) -> None:
+    with pytest.raises(lfm.InvalidOptionsError) as info:
+        lfm.RequestOptions(stop=value)  # type: ignore[arg-type]
+    assert info.value.field == "stop"
+    with pytest.raises(lfm.InvalidOptionsError) as info:
+        lfm.EngineOptions(providers=value)  # type: ignore[arg-type]
+    assert info.value.field == "providers"

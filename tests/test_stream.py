@@ -3,6 +3,10 @@ to generate(...).text, and work with grammars and stop strings."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import lfm
 import pytest
 from conftest import MODELS
@@ -90,3 +94,76 @@ def test_one_stream_read_from_two_threads_does_not_hang(engine: lfm.Engine) -> N
         t.join(timeout=60)
     assert not any(t.is_alive() for t in readers)
     assert all("two threads" in str(e) for e in errors)
+    # The refused reader's error does not cancel the request the other one reads.
+    assert stream.generation is not None and stream.generation.finish_reason == "length"
+
+
+LONG = {"max_new_tokens": 2000, "min_new_tokens": 2000}
+
+
+def test_leaving_a_with_block_cancels_the_request(engine: lfm.Engine) -> None:
+    with engine.stream("Go on.", options=LONG) as stream:
+        for _ in stream:
+            break
+    assert list(stream) is not None and stream.generation is not None
+    assert stream.generation.finish_reason == "cancelled"
+
+    # Ctrl-C in the loop's body, between pieces, where the stream cannot see it.
+    with pytest.raises(KeyboardInterrupt), engine.stream("Go on.", options=LONG) as stream:
+        next(stream)
+        raise KeyboardInterrupt
+    list(stream)
+    assert stream.generation is not None and stream.generation.finish_reason == "cancelled"
+
+    # A stream read to its end is unaffected.
+    with engine.stream("Hi", options={"max_new_tokens": 5, "min_new_tokens": 5}) as stream:
+        text = "".join(stream)
+    assert stream.generation is not None and stream.generation.finish_reason == "length"
+    assert text == stream.generation.text
+
+
+def test_an_exception_while_waiting_for_a_piece_cancels_the_request(engine: lfm.Engine) -> None:
+    """Ctrl-C mostly arrives as a piece is handed over (the core cancels by itself only when
+    it comes while waiting); the stream must not run on while the traceback keeps it."""
+    stream = engine.stream("Go on.", options=LONG)
+    core = stream._core
+
+    class Interrupted:
+        def __next__(self) -> str:
+            raise KeyboardInterrupt
+
+        def cancel(self) -> None:
+            core.cancel()
+
+    stream._core = Interrupted()
+    with pytest.raises(KeyboardInterrupt):
+        next(stream)
+    assert core.wait()["finish_reason"] == "cancelled"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_stream_read_in_a_forked_child_raises(engine: lfm.Engine) -> None:
+    """The child has none of the threads that feed the parent's stream: reading it there
+    raises, as the engine does, instead of waiting forever."""
+    stream = engine.stream("Go on.", options=LONG)
+    next(stream)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            next(stream)
+        except lfm.LfmError as e:
+            code = 0 if "fork" in str(e) and "os._exit" in str(e) else 2
+        finally:
+            # Never a normal exit (pytest would go on in the child; ONNX Runtime can hang it).
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while (ended := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if ended[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    stream.cancel()
+    list(stream)
+    assert ended[0] == pid, "the child hung reading the stream"
+    assert os.waitstatus_to_exitcode(ended[1]) == 0

@@ -8,6 +8,7 @@ import asyncio
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,44 @@ def test_ctrl_c_cancels_a_batch_promptly(engine: lfm.Engine) -> None:
     assert len(engine.generate("Hi", options=opts(4)).token_ids) == 4
 
 
+class Words(lfm.Task[str]):
+    """Output that only ends at max_new_tokens (with min_new_tokens set)."""
+
+    def prompt(self) -> str:
+        return "Describe."
+
+    def grammar(self) -> lfm.Grammar:
+        return lfm.Grammar.regex("[a-z ]*")
+
+    def parse(self, text: str) -> str:
+        return text
+
+
+@pytest.mark.parametrize("call", ["generate_batch", "run_batch"])
+def test_ctrl_c_while_a_batch_is_submitted_cancels_what_was_submitted(
+    engine: lfm.Engine, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    """Ctrl-C during the third item's submission (converting a big image, say) cancels the
+    two items already running instead of leaving them to the saved traceback."""
+    submitted: list[Any] = []
+    submit = engine._submit
+
+    def interrupted_on_the_third(*args: Any) -> Any:
+        if len(submitted) == 2:
+            raise KeyboardInterrupt
+        submitted.append(submit(*args))
+        return submitted[-1]
+
+    monkeypatch.setattr(engine, "_submit", interrupted_on_the_third)
+    long = opts(5000, min_new_tokens=5000)
+    with pytest.raises(KeyboardInterrupt):
+        if call == "generate_batch":
+            engine.generate_batch(PROMPTS[:4], options=long)
+        else:
+            engine.run_batch(Words(), [np.zeros((32, 32, 3), np.uint8)] * 4, long)
+    assert [h.wait()["finish_reason"] for h in submitted] == ["cancelled", "cancelled"]
+
+
 def test_a_bad_progress_argument_cancels_the_batch(engine: lfm.Engine) -> None:
     with pytest.raises(TypeError) as info:
         engine.generate_batch(PROMPTS, options=opts(5000, min_new_tokens=5000), progress=5)  # type: ignore[arg-type]
@@ -221,6 +260,61 @@ def test_async_does_not_block_the_loop(engine: lfm.Engine) -> None:
     ticks, gens = asyncio.run(main())
     assert ticks > 3
     assert [g.token_ids for g in gens] == [engine.generate(p, options=opts(40)).token_ids for p in PROMPTS[:4]]
+
+
+def test_async_requests_leave_the_default_executor_free(engine: lfm.Engine) -> None:
+    """Each awaited request waits on one of lfm's threads, not on the loop's default
+    executor, which asyncio.to_thread and DNS lookups share (one thread here)."""
+
+    async def main() -> tuple[bool, list[str]]:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=1))
+        long = opts(20000, min_new_tokens=20000)
+        tasks = [asyncio.create_task(engine.agenerate(p, options=long)) for p in PROMPTS[:2]]
+        try:
+            await asyncio.wait_for(asyncio.to_thread(lambda: None), timeout=60)
+            return not any(t.done() for t in tasks), [t.name for t in threading.enumerate()]
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    in_flight, threads = asyncio.run(main())
+    assert in_flight and any(name.startswith("lfm-") for name in threads)
+
+
+def test_async_submission_runs_off_the_loop_and_cancelling_it_cancels_the_request(
+    engine: lfm.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The submission (image conversion) runs off the event loop; a task cancelled during
+    it cancels the request the submission then starts."""
+    started, release, done = threading.Event(), threading.Event(), threading.Event()
+    submitted: list[tuple[bool, Any]] = []
+    submit = engine._submit
+
+    def slow_submit(*args: Any) -> Any:
+        # Stands in for converting a big image; only the loop, if it is free, releases it.
+        started.set()
+        released = release.wait(timeout=30)
+        submitted.append((released, submit(*args)))
+        done.set()
+        return submitted[-1][1]
+
+    monkeypatch.setattr(engine, "_submit", slow_submit)
+
+    async def main() -> None:
+        task = asyncio.create_task(engine.agenerate("Go on.", options=opts(20000, min_new_tokens=20000)))
+        while not started.is_set():  # (a submission cancelled before it starts never runs)
+            await asyncio.sleep(0.01)
+        task.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert done.wait(timeout=60)
+    released, handle = submitted[0]
+    assert released, "the submission blocked the event loop"
+    assert handle.wait()["finish_reason"] == "cancelled"
 
 
 def test_arun(engine: lfm.Engine) -> None:

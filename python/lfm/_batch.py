@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TextIO, TypeVar
 
 from .results import Generation
 
 Progress = bool | Callable[[int, int], None] | None
+_Item = TypeVar("_Item")
 
 
 class ProgressBar:
@@ -45,6 +46,29 @@ def progress_callback(progress: Progress, total: int) -> Callable[[int, int], No
     raise TypeError("progress must be a bool or a callable(done, total)")
 
 
+def submit_all(items: Iterable[_Item], submit: Callable[[_Item], Any]) -> list[Any]:
+    """``submit(item)`` for each item: a core stream, or the exception it raised. Ctrl-C
+    (any BaseException) while submitting cancels the items submitted so far, then
+    propagates; before ``collect`` takes over, nothing else would stop them."""
+    handles: list[Any] = []
+    try:
+        for item in items:
+            try:
+                handles.append(submit(item))
+            except Exception as e:
+                handles.append(e)
+    except BaseException:
+        cancel_all(handles)
+        raise
+    return handles
+
+
+def cancel_all(handles: Iterable[Any]) -> None:
+    for h in handles:
+        if not isinstance(h, BaseException):
+            h.cancel()
+
+
 def collect(
     handles: Sequence[Any],
     finish: Callable[[int, Generation], Any],
@@ -71,9 +95,7 @@ def collect(
             if report:
                 report(i + 1, len(handles))
     except BaseException:
-        for h in handles:
-            if not isinstance(h, BaseException):
-                h.cancel()
+        cancel_all(handles)
         raise
     engine_core.check_warnings()
     return out

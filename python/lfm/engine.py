@@ -6,14 +6,16 @@ import asyncio
 import dataclasses
 import json
 import os
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from . import _lfm, _ort
-from ._batch import Progress, collect
+from ._batch import Progress, collect, submit_all
 from ._images import ImageLike
 from ._messages import Images, Messages, is_one_image, prepare, rejected, template_json
 from .bundled import check_against_bundled
@@ -121,11 +123,7 @@ class Engine:
         return stats
 
     def _check_process(self) -> Any:
-        if os.getpid() != self._pid:
-            raise LfmError(
-                "this Engine was created in another process: ONNX Runtime does not survive fork(); "
-                "create the Engine in the child, or use the 'spawn' start method"
-            )
+        _refuse_after_fork(self._pid, "Engine")
         return self._core
 
     def generate(
@@ -186,12 +184,10 @@ class Engine:
                 len(images),
                 len(messages),
             )
-        handles: list[Any] = []
-        for i, m in enumerate(messages):
-            try:
-                handles.append(self._submit(m, images[i] if images is not None else (), options, grammar, False))
-            except Exception as e:
-                handles.append(e)
+        handles = submit_all(
+            range(len(messages)),
+            lambda i: self._submit(messages[i], images[i] if images is not None else (), options, grammar, False),
+        )
         return collect(handles, lambda i, g: g, progress, self._core)
 
     def run_batch(
@@ -213,13 +209,12 @@ class Engine:
                 "a list of items",
             )
         prompt, grammar = task.prompt(), task.grammar()
-        handles: list[Any] = []
-        for item in items:
+
+        def submit(item: ImageLike | Sequence[ImageLike]) -> Any:
             imgs: list[ImageLike] = list(item) if isinstance(item, (list, tuple)) else [item]  # type: ignore[list-item]
-            try:
-                handles.append(self._submit(prompt, imgs, options, grammar, False))
-            except Exception as e:
-                handles.append(e)
+            return self._submit(prompt, imgs, options, grammar, False)
+
+        handles = submit_all(items, submit)
         return collect(handles, lambda i, g: _parse(task, g), progress, self._core)
 
     async def agenerate(
@@ -230,11 +225,20 @@ class Engine:
         grammar: Grammar | None = None,
     ) -> Generation:
         """``generate`` for asyncio: awaits without blocking the event loop; cancelling the
-        task cancels the request."""
-        handle = self._submit(messages, images, options, grammar, False)
-        loop = asyncio.get_running_loop()
+        task cancels the request. The waiting happens on lfm's own threads, leaving the
+        loop's default executor (``asyncio.to_thread``) free."""
+        pool = _async_pool()
+        # Submitted off the loop too: converting the images (decoding a lazily opened PIL
+        # image, copying a large array) can take a while.
+        submitting = pool.submit(self._submit, messages, images, options, grammar, False)
         try:
-            d = await loop.run_in_executor(None, handle.wait)
+            handle = await asyncio.wrap_future(submitting)
+        except BaseException:
+            # Cancelled during the submission, which still runs: cancel what it starts.
+            submitting.add_done_callback(_cancel_submitted)
+            raise
+        try:
+            d = await asyncio.wrap_future(pool.submit(handle.wait))
         except BaseException:
             handle.cancel()
             raise
@@ -259,7 +263,13 @@ class Engine:
     ) -> TextStream:
         """Like ``generate``, yielding text as it is produced (never splitting a character;
         the pieces join to ``generate(...).text``). After the last piece, the iterator's
-        ``generation`` holds the whole ``Generation``."""
+        ``generation`` holds the whole ``Generation``. In a ``with`` block, leaving it early
+        (``break``, an error, Ctrl-C) cancels the request::
+
+            with engine.stream("Tell me a story.") as pieces:
+                for piece in pieces:
+                    print(piece, end="")
+        """
         return TextStream(self._submit(messages, images, options, grammar, True))
 
     def run(
@@ -298,6 +308,38 @@ class Engine:
         return rendered
 
 
+def _refuse_after_fork(pid: int, what: str) -> None:
+    """Refuses an engine or stream made before a fork(): the child has none of the threads
+    that would answer it (a stream read there waited forever)."""
+    if os.getpid() != pid:
+        raise LfmError(
+            f"this {what} was created in another process: ONNX Runtime does not survive fork(); "
+            "create the Engine in the child, or use the 'spawn' start method (a forked child of a "
+            "process with an Engine should end with os._exit(): ONNX Runtime can hang its normal exit)"
+        )
+
+
+_pool_lock = threading.Lock()
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _async_pool() -> ThreadPoolExecutor:
+    """The threads agenerate and arun wait on, one per request in flight; the loop's
+    default executor has few (cpu_count + 4 at most 32), shared with ``asyncio.to_thread``
+    and DNS lookups. Made on first use, and again in a forked child (a copied pool has no
+    threads)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(max_workers=64, thread_name_prefix="lfm-async"))
+        return _pool[1]
+
+
+def _cancel_submitted(submitting: Future[Any]) -> None:
+    if not submitting.cancelled() and submitting.exception() is None:
+        submitting.result().cancel()
+
+
 def _parse(task: Task[Out], gen: Generation) -> Out:
     """The task's output for a finished generation; cut output raises ParseError."""
     if gen.finish_reason in ("length", "cancelled"):
@@ -323,16 +365,35 @@ def _grammar_spec(grammar: Grammar | None) -> tuple[str, str] | None:
 
 
 class TextStream:
-    """Iterator of text pieces; ``generation`` is set once it is exhausted."""
+    """Iterator of text pieces; ``generation`` is set once it is exhausted. As a context
+    manager, it cancels the request when the ``with`` block is left, however it is left
+    (a finished request is unaffected). An exception raised while it waits for a piece
+    (Ctrl-C included) cancels the request too."""
 
     def __init__(self, core: Any) -> None:
         self._core = core
+        self._pid = os.getpid()
         self.generation: Generation | None = None
+        # One reader at a time. A second one is refused before __next__'s try, so that its
+        # error does not cancel the request the first one reads.
+        self._reading = threading.Lock()
 
     def __iter__(self) -> TextStream:
         return self
 
+    def __enter__(self) -> TextStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # Ctrl-C can land in the loop's body, between pieces, where __next__ cannot see it;
+        # without this the request runs on while anything (a saved traceback) holds the
+        # stream.
+        self.cancel()
+
     def __next__(self) -> str:
+        _refuse_after_fork(self._pid, "stream")
+        if not self._reading.acquire(blocking=False):
+            raise ValueError("stream used from two threads at once")
         try:
             piece: str = next(self._core)
             return piece
@@ -342,9 +403,18 @@ class TextStream:
                 if result is not None:
                     self.generation = Generation._from_core(result)
             raise
+        except BaseException:
+            # Most often Ctrl-C, raised as the piece arrives (the core cancels on its own
+            # only when the signal comes while it waits). After an error the request has
+            # ended already and this changes nothing.
+            self._core.cancel()
+            raise
+        finally:
+            self._reading.release()
 
     def cancel(self) -> None:
-        """Stops the generation at the next decode step."""
+        """Stops the generation at the next decode step; the pieces already made can still
+        be read, and then ``generation`` holds the result (``finish_reason="cancelled"``)."""
         self._core.cancel()
 
 

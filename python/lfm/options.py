@@ -6,30 +6,72 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
+
+import numpy as np
 
 from . import _lfm
 from .errors import InvalidOptionsError
 
 _T = TypeVar("_T", bound="_Options")
 
+# Sections whose fields the core names with the section's prefix (`limits.context_tokens`),
+# also when the section is validated alone; Rust's options::NESTED_SECTIONS.
+_NESTED_SECTIONS = ("image_budget", "limits")
+_DEFAULT_PROVIDERS = ("cpu",)
 
-def _reject_non_finite(kind: str, data: Mapping[str, Any], prefix: str = "") -> None:
-    # JSON (the way options reach Rust) has no NaN or infinity, so they are refused here.
-    for k, v in data.items():
-        if isinstance(v, float) and not math.isfinite(v):
-            err = InvalidOptionsError(f"invalid option `{prefix}{k}`: got {v}, expected a finite number")
-            err.field, err.value, err.limit = f"{prefix}{k}", str(v), "a finite number"
-            raise err
-        if isinstance(v, Mapping):
-            _reject_non_finite(kind, v, f"{prefix}{k}.")
+
+def _invalid(field: str, value: object, limit: str) -> InvalidOptionsError:
+    err = InvalidOptionsError(f"invalid option `{field}`: got {value}, expected {limit}")
+    err.field, err.value, err.limit = field, str(value), limit
+    return err
+
+
+def _python_number(value: Any) -> Any:
+    """A numpy number (``np.int64(8)``, an array's element) as the Python number it holds;
+    anything else unchanged."""
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
+def _json_ready(value: Any, field: str) -> Any:
+    """``value`` as data JSON (the way options reach Rust) can carry: numpy numbers become
+    Python numbers; NaN, infinity and other types (Decimal, complex, objects) are refused,
+    naming ``field``."""
+    value = _python_number(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _invalid(field, value, "a finite number")
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    if isinstance(value, Mapping):
+        return {k: _json_ready(v, f"{field}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v, field) for v in value]
+    raise _invalid(field, repr(value), "an int, float, bool, str, list or dict")
 
 
 def _validated(kind: str, data: Mapping[str, Any]) -> dict[str, Any]:
-    _reject_non_finite(kind, data)
-    normalised: dict[str, Any] = json.loads(_lfm.validate_options(kind, json.dumps(data)))
+    prefix = f"{kind}." if kind in _NESTED_SECTIONS else ""
+    ready = {k: _json_ready(v, f"{prefix}{k}") for k, v in data.items()}
+    normalised: dict[str, Any] = json.loads(_lfm.validate_options(kind, json.dumps(ready)))
     return normalised
+
+
+def _str_tuple(value: Any, field: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A str or an iterable of str as a tuple (the core checks the items); None is the default."""
+    if value is None:
+        return default
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (Mapping, bytes, bytearray)) or not isinstance(value, Iterable):
+        raise _invalid(field, type(value).__name__, "a str or a list of str")
+    return tuple(value)
 
 
 class _Options:
@@ -55,10 +97,19 @@ class _Options:
         """Builds the options from a dict; unknown keys are refused, naming the allowed ones."""
         if not isinstance(data, Mapping):
             raise TypeError(f"{cls.__name__}.from_dict expects a mapping, got {type(data).__name__}")
-        _validated(cls._kind, data)  # refuses unknown keys with the list of allowed ones
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = [k for k in data if k not in known]
+        if unknown:
+            # The core refuses them, naming the allowed keys (the values do not matter).
+            _validated(cls._kind, dict.fromkeys(unknown))
+        # The constructor normalises the values as it does for keywords (None for a default,
+        # numpy numbers) before the core validates them.
         return cls(**dict(data))
 
     def _check(self) -> None:
+        # The object keeps the Python number a numpy one stands for, as the core reads it.
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            object.__setattr__(self, f.name, _python_number(getattr(self, f.name)))
         _validated(self._kind, self.to_dict())
 
 
@@ -124,7 +175,7 @@ class RequestOptions(_Options):
     strings end the output where one first appears (it is left out of the text); a request
     with a grammar takes none, since the grammar decides where constrained output ends.
     ``timeout_s`` (at most a year) ends the request with ``finish_reason="cancelled"``,
-    also while it waits for its turn."""
+    also while it waits for its turn. Numbers may be numpy numbers; ``stop=None`` is none."""
 
     _kind = "request"
     max_new_tokens: int = 512
@@ -139,10 +190,7 @@ class RequestOptions(_Options):
     timeout_s: float | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop", _str_tuple(self.stop, "stop", ()))
         self._check()
 
     @classmethod
@@ -159,7 +207,7 @@ class EngineOptions(_Options):
 
     _kind = "engine"
     variant: str | Mapping[str, str] = "fp32"
-    providers: tuple[str, ...] = ("cpu",)
+    providers: tuple[str, ...] = _DEFAULT_PROVIDERS
     intra_threads: int | None = None
     inter_threads: int | None = None
     image_budget: ImageBudget = dataclasses.field(default_factory=ImageBudget)
@@ -170,14 +218,15 @@ class EngineOptions(_Options):
     batching: str = "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.image_budget, Mapping):
-            object.__setattr__(self, "image_budget", ImageBudget.from_dict(self.image_budget))
-        if isinstance(self.limits, Mapping):
-            object.__setattr__(self, "limits", Limits.from_dict(self.limits))
-        if isinstance(self.providers, str):
-            object.__setattr__(self, "providers", (self.providers,))
-        else:
-            object.__setattr__(self, "providers", tuple(self.providers))
+        section: type[_Options]
+        for name, section in (("image_budget", ImageBudget), ("limits", Limits)):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, section.from_dict(value))
+            elif not isinstance(value, section):
+                # Refused here: the core would read a list's items into the fields by position.
+                raise _invalid(name, type(value).__name__, f"an lfm.{section.__name__} or a dict")
+        object.__setattr__(self, "providers", _str_tuple(self.providers, "providers", _DEFAULT_PROVIDERS))
         self._check()
 
 
