@@ -196,3 +196,11 @@ def test_stop_and_providers_that_are_not_strings_name_the_field(value: object) -
     with pytest.raises(lfm.InvalidOptionsError) as info:
         lfm.EngineOptions(providers=value)  # type: ignore[arg-type]
     assert info.value.field == "providers"
+
+
+def test_a_stop_string_that_is_not_text_names_itself() -> None:
+    """A lone surrogate cannot reach the core (UTF-8 cannot carry it); the error names the
+    string, not the whole options JSON."""
+    with pytest.raises(lfm.InvalidOptionsError) as info:
+        lfm.RequestOptions(stop=["ok", "\ud800"])
+    assert (info.value.field, info.value.value) == ("stop", "'\\ud800'")

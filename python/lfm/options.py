@@ -47,7 +47,13 @@ def _json_ready(value: Any, field: str) -> Any:
     value = _python_number(value)
     if isinstance(value, float) and not math.isfinite(value):
         raise _invalid(field, value, "a finite number")
-    if value is None or isinstance(value, (str, int, float)):
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _invalid(field, repr(value), "text (a lone surrogate is not)") from None
+        return value
+    if value is None or isinstance(value, (int, float)):
         return value
     if isinstance(value, Mapping):
         return {k: _json_ready(v, f"{field}.{k}") for k, v in value.items()}
