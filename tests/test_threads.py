@@ -6,6 +6,8 @@ from __future__ import annotations
 import _thread
 import asyncio
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -340,3 +342,32 @@ def test_forced_batching_on_a_cache_width_graph_falls_back_with_a_warning() -> N
     with pytest.warns(lfm.LfmWarning, match="one sequence at a time"):
         out = e.generate_batch(msgs, options=opts(10))
     assert [g.token_ids for g in out] == [ref.generate(m, options=opts(10)).token_ids for m in msgs]  # type: ignore[union-attr]
+
+
+_EXIT_WHILE_GENERATING = """
+import sys, threading, lfm
+engine = lfm.Engine.from_dir(sys.argv[1], lfm.EngineOptions(intra_threads=1))
+started = threading.Event()
+def work():
+    for _ in engine.stream("hi", options={"max_new_tokens": 2000, "min_new_tokens": 2000}):
+        started.set()
+threading.Thread(target=work, daemon=True).start()
+assert started.wait(60)
+"""
+
+
+def test_exiting_while_a_daemon_thread_generates_is_clean() -> None:
+    """At interpreter exit lfm cancels every request and waits for its scheduler threads
+    to go idle: one still running ONNX Runtime while the process tore it down printed
+    kernel errors (about every other run, so four runs)."""
+    from conftest import MODELS
+
+    for _ in range(4):
+        done = subprocess.run(
+            [sys.executable, "-c", _EXIT_WHILE_GENERATING, str(MODELS / "tiny16-gqa")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "onnxruntime" not in done.stderr, done.stderr

@@ -53,6 +53,10 @@ def init_ort(path: str | None) -> str:
 def available_providers() -> list[str]:
     """Execution providers the loaded ONNX Runtime offers (lfm's names), "cpu" first."""
 
+def shutdown(timeout_s: float) -> bool:
+    """Cancels every request in the process and waits (at most ``timeout_s``) until no
+    scheduler thread runs ONNX Runtime; registered to run at interpreter exit."""
+
 def bundled_file(name: str) -> bytes:
     """A file bundled with lfm: tokenizer.json, tokenizer_config.json, chat_template.jinja,
     config.json, preprocessor_config.json or processor_config.json."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
 import json
 import os
@@ -318,6 +319,11 @@ def _refuse_after_fork(pid: int, what: str) -> None:
             "process with an Engine should end with os._exit(): ONNX Runtime can hang its normal exit)"
         )
 
+
+# At exit, daemon threads may still be generating: every request is cancelled and the
+# schedulers get a few seconds to go idle, so that none runs ONNX Runtime while the
+# interpreter and ONNX Runtime tear down (it printed kernel errors then).
+atexit.register(_lfm.shutdown, 5.0)
 
 _pool_lock = threading.Lock()
 _pool: tuple[int, ThreadPoolExecutor] | None = None

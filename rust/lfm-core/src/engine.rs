@@ -187,9 +187,11 @@ impl Engine {
         }
         let image_tokens: usize = planned.iter().map(|p| p.grid.num_image_tokens()).sum();
         let structural: usize = planned.iter().map(|p| p.grid.num_structural_tokens()).sum();
-        // The graph's own bound too: past it the decoder call fails mid-generation.
+        // The graph's own bound too: past it the decoder call fails mid-generation. Checked
+        // on the images' tokens before the template renders (a lower bound on the prompt),
+        // then on the whole prompt once tokenized.
         let context = limits.context_tokens.min(self.model.spec.max_positions.unwrap_or(usize::MAX));
-        if image_tokens + structural + max_new_tokens > context {
+        if !planned.is_empty() && image_tokens + structural + max_new_tokens > context {
             return Err(Error::PromptTooLong {
                 prompt_tokens: image_tokens + structural,
                 max_new_tokens,

@@ -48,7 +48,8 @@ pub enum Error {
 
     /// The prompt plus the requested new tokens exceed the context window.
     #[error(
-        "prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} exceeds the context of {limit} tokens"
+        "the prompt needs at least {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} that exceeds \
+         the context of {limit} tokens"
     )]
     PromptTooLong { prompt_tokens: usize, max_new_tokens: usize, limit: usize },
 

@@ -109,6 +109,16 @@ impl Generation {
     }
 }
 
+/// Set once the host process is exiting (`shut_down`): every request counts as cancelled.
+static SHUTTING_DOWN: AtomicBool = AtomicBool::new(false);
+
+/// Cancels every request of every engine in the process, running or to come: at the host
+/// process's exit, so that no scheduler thread still runs ONNX Runtime while the process
+/// tears it down (it printed kernel errors then). See `scheduler::wait_idle`.
+pub fn shut_down() {
+    SHUTTING_DOWN.store(true, Ordering::Relaxed);
+}
+
 /// A handle that stops a running request between decode steps.
 #[derive(Debug, Clone, Default)]
 pub struct Cancel {
@@ -135,6 +145,8 @@ impl Cancel {
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.flag.load(Ordering::Relaxed) || self.deadline.is_some_and(|d| Instant::now() >= d)
+        self.flag.load(Ordering::Relaxed)
+            || SHUTTING_DOWN.load(Ordering::Relaxed)
+            || self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 }

@@ -8,6 +8,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;
@@ -44,6 +45,22 @@ pub struct Stats {
     pub rows: AtomicUsize,
     /// The largest batch run in one decoder call.
     pub max_batch: AtomicUsize,
+}
+
+/// Scheduler threads with work (running or waiting requests), in the whole process.
+static BUSY: AtomicUsize = AtomicUsize::new(0);
+
+/// Waits until no scheduler thread has work, for at most `timeout`: whether they all
+/// went idle. With `request::shut_down`, for the host process's exit.
+pub fn wait_idle(timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    while BUSY.load(Ordering::Acquire) > 0 {
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
 }
 
 /// Handle to an engine's scheduler thread; dropping it ends the thread once idle.
@@ -111,13 +128,18 @@ impl Worker {
     }
 
     fn run(mut self, rx: Receiver<Job>) {
+        // Counted busy while it runs, except while it waits for a request with none.
+        BUSY.fetch_add(1, Ordering::AcqRel);
         let mut waiting: VecDeque<Job> = VecDeque::new();
         let max = self.engine.options().max_batch_size.max(1);
         loop {
             if self.active.is_empty() && waiting.is_empty() {
-                match rx.recv() {
+                BUSY.fetch_sub(1, Ordering::AcqRel);
+                let job = rx.recv();
+                BUSY.fetch_add(1, Ordering::AcqRel);
+                match job {
                     Ok(job) => waiting.push_back(job),
-                    Err(_) => return,
+                    Err(_) => break,
                 }
             }
             waiting.extend(rx.try_iter());
@@ -144,6 +166,7 @@ impl Worker {
                 self.fail_all(e);
             }
         }
+        BUSY.fetch_sub(1, Ordering::AcqRel);
     }
 
     fn admit(&mut self, job: Job) {

@@ -51,6 +51,17 @@ pub fn check_grammar(py: Python<'_>, kind: &str, source: &str) -> PyResult<()> {
     detached(py, move || g.check())
 }
 
+/// Cancels every request in the process and waits (at most `timeout_s`) until no
+/// scheduler thread runs ONNX Runtime: lfm registers it to run at interpreter exit.
+#[pyfunction]
+pub fn shutdown(py: Python<'_>, timeout_s: f64) -> PyResult<bool> {
+    let timeout = std::time::Duration::try_from_secs_f64(timeout_s.clamp(0.0, 3600.0)).unwrap_or_default();
+    detached(py, move || {
+        lfm_core::request::shut_down();
+        Ok(lfm_core::scheduler::wait_idle(timeout))
+    })
+}
+
 /// Execution providers the loaded ONNX Runtime offers (lfm's names).
 #[pyfunction]
 pub fn available_providers() -> Vec<&'static str> {

@@ -20,6 +20,7 @@ fn _lfm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(preproc::apply_chat_template, m)?)?;
     m.add_function(wrap_pyfunction!(engine::init_ort, m)?)?;
     m.add_function(wrap_pyfunction!(engine::available_providers, m)?)?;
+    m.add_function(wrap_pyfunction!(engine::shutdown, m)?)?;
     m.add_function(wrap_pyfunction!(preproc::_panic_for_tests, m)?)?;
     m.add_function(wrap_pyfunction!(preproc::bundled_file, m)?)?;
     m.add_function(wrap_pyfunction!(preproc::tokenize, m)?)?;
