@@ -371,3 +371,37 @@ def test_exiting_while_a_daemon_thread_generates_is_clean() -> None:
         )
         assert done.returncode == 0, done.stderr
         assert "onnxruntime" not in done.stderr, done.stderr
+
+
+def test_a_cancelled_prefill_stops_only_its_own_runs() -> None:
+    """Cancelling a request mid-run terminates that request's ONNX Runtime runs only:
+    `next_token_logits` on another thread, using the same graphs meanwhile, is unaffected
+    (a terminate flag on the graphs' shared run options failed ~all of its calls)."""
+    from conftest import MODELS
+
+    engine = lfm.Engine.from_dir(MODELS / "tiny16-gqa", lfm.EngineOptions(intra_threads=1))
+    image = np.zeros((700, 1200, 3), np.uint8)
+    want = engine.next_token_logits("Describe.", [image])
+    stop, errors, runs = threading.Event(), [], [0]
+
+    def logits_loop() -> None:
+        while not stop.is_set():
+            try:
+                assert np.array_equal(engine.next_token_logits("Describe.", [image]), want)
+                runs[0] += 1
+            except Exception as e:  # noqa: BLE001 - any failure is the finding
+                errors.append(e)
+
+    reader = threading.Thread(target=logits_loop)
+    reader.start()
+    finished: dict[str, int] = {}
+    try:
+        for i in range(40):
+            opts = {"max_new_tokens": 2, "timeout_s": 0.002 + 0.001 * (i % 20)}
+            g = engine.generate("Describe.", [image], opts)
+            finished[g.finish_reason] = finished.get(g.finish_reason, 0) + 1
+    finally:
+        stop.set()
+        reader.join()
+    assert finished.get("cancelled", 0) > 0, finished
+    assert runs[0] > 0 and not errors, (runs[0], errors[:3])

@@ -1,7 +1,7 @@
 //! One ONNX graph: its session, and its inputs and outputs as read from the file.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::builder::GraphOptimizationLevel;
@@ -104,10 +104,6 @@ pub struct Graph {
     pub inputs: Vec<Port>,
     pub outputs: Vec<Port>,
     session: Mutex<Session>,
-    /// The options of every run, per `Memory`: one set per graph, so that another thread
-    /// can set their terminate flag while a run is under way (`terminate`).
-    keep: RunOptions,
-    release: RunOptions,
 }
 
 impl std::fmt::Debug for Graph {
@@ -175,9 +171,7 @@ impl Graph {
         };
         let inputs = session.inputs().iter().map(|o| Port::from_outlet(o.name(), o.dtype())).collect();
         let outputs = session.outputs().iter().map(|o| Port::from_outlet(o.name(), o.dtype())).collect();
-        let err = |e: ort::Error| Error::ModelLoad { path: path.to_path_buf(), detail: e.to_string() };
-        let (keep, release) = (RunOptions::new().map_err(err)?, release_options().map_err(err)?);
-        Ok(Graph { path: path.to_path_buf(), inputs, outputs, session: Mutex::new(session), keep, release })
+        Ok(Graph { path: path.to_path_buf(), inputs, outputs, session: Mutex::new(session) })
     }
 
     pub fn input(&self, name: &str) -> Option<&Port> {
@@ -246,7 +240,8 @@ impl Graph {
                 None => binding.bind_output_to_device(name, &cpu).map_err(err)?,
             }
         }
-        let mut out = session.run_binding_with_options(&binding, self.options(memory)).map_err(err)?;
+        let options = RunSettings::current(memory).map_err(err)?;
+        let mut out = session.run_binding_with_options(&binding, options.get(memory)).map_err(err)?;
         if memory == Memory::Release {
             crate::heap::release_free_memory();
         }
@@ -284,7 +279,8 @@ impl Graph {
                 })
                 .collect()
         };
-        let outputs = take(session.run_with_options(inputs, self.options(memory)).map_err(err)?);
+        let options = RunSettings::current(memory).map_err(err)?;
+        let outputs = take(session.run_with_options(inputs, options.get(memory)).map_err(err)?);
         if memory == Memory::Release {
             // The arena frees its regions to the C heap, which keeps blocks of up to 32 MB
             // for reuse: trim it too, or each call leaves some resident.
@@ -292,20 +288,56 @@ impl Graph {
         }
         outputs
     }
+}
 
-    fn options(&self, memory: Memory) -> &RunOptions {
-        match memory {
-            Memory::Keep => &self.keep,
-            Memory::Release => &self.release,
-        }
+/// The run options of one `until` call (both `Memory` kinds), which its watcher may
+/// terminate. They are this call's own: a cancelled request stops its own runs, never
+/// another thread's.
+struct Terminable {
+    keep: RunOptions,
+    release: RunOptions,
+}
+
+impl Terminable {
+    fn new() -> ort::Result<Terminable> {
+        Ok(Terminable { keep: RunOptions::new()?, release: release_options()? })
     }
 
-    /// Sets (or, with `false`, clears) the terminate flag of this graph's runs: a run under
-    /// way fails soon after, and so does every run until it is cleared.
-    pub fn terminate(&self, on: bool) {
-        for options in [&self.keep, &self.release] {
-            // Setting a flag fails only on a null handle, which these never are.
-            let _ = if on { options.terminate() } else { options.unterminate() };
+    fn terminate(&self) {
+        // Setting the flag fails only on a null handle, which these never are.
+        let _ = self.keep.terminate();
+        let _ = self.release.terminate();
+    }
+}
+
+thread_local! {
+    /// The options of the `until` call under way on this thread, if any.
+    static TERMINABLE: std::cell::RefCell<Option<Arc<Terminable>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The options a run on this thread goes with: those of an `until` call under way, else
+/// fresh ones (ONNX Runtime's default, or the arena's release).
+enum RunSettings {
+    Terminable(Arc<Terminable>),
+    Plain(RunOptions),
+}
+
+impl RunSettings {
+    fn current(memory: Memory) -> ort::Result<RunSettings> {
+        if let Some(t) = TERMINABLE.with(|t| t.borrow().clone()) {
+            return Ok(RunSettings::Terminable(t));
+        }
+        Ok(RunSettings::Plain(match memory {
+            Memory::Keep => RunOptions::new()?,
+            Memory::Release => release_options()?,
+        }))
+    }
+
+    fn get(&self, memory: Memory) -> &RunOptions {
+        match (self, memory) {
+            (RunSettings::Terminable(t), Memory::Keep) => &t.keep,
+            (RunSettings::Terminable(t), Memory::Release) => &t.release,
+            (RunSettings::Plain(options), _) => options,
         }
     }
 }
@@ -313,34 +345,44 @@ impl Graph {
 /// Asked while long runs are under way: true once they should stop (a cancelled request).
 pub type Stop<'a> = &'a (dyn Fn() -> bool + Sync);
 
-/// Calls `f` (runs of `graphs`) while a watcher thread asks `stop` every 10 ms; once it
-/// says yes, the graphs' terminate flag stops the run under way (ONNX Runtime checks it
+/// Calls `f` (graph runs on this thread) while a watcher thread asks `stop` every 10 ms;
+/// once it says yes, ONNX Runtime's terminate flag stops the run under way (checked
 /// between operators), so a cancelled request waits for neither a whole image nor a whole
-/// prompt. `None` once stopped, whatever `f` returned; the flags are cleared before this
-/// returns (the caller's next run is unaffected; a run on another thread in the
-/// microseconds between would fail too).
-pub fn until<T>(graphs: &[&Graph], stop: Stop<'_>, f: impl FnOnce() -> Result<Option<T>>) -> Result<Option<T>> {
+/// prompt. The flag is on run options of this call's own, so runs elsewhere (another
+/// thread, the next request) are not touched. `None` once stopped, whatever `f` returned.
+pub fn until<T>(stop: Stop<'_>, f: impl FnOnce() -> Result<Option<T>>) -> Result<Option<T>> {
     use std::sync::atomic::{AtomicBool, Ordering};
+    let options = Arc::new(Terminable::new().map_err(|e| Error::inference("run options", e))?);
     let (done, stopped) = (AtomicBool::new(false), AtomicBool::new(false));
     let result = std::thread::scope(|scope| {
         let watcher = scope.spawn(|| {
             while !done.load(Ordering::Acquire) {
                 if stop() {
                     stopped.store(true, Ordering::Release);
-                    graphs.iter().for_each(|g| g.terminate(true));
+                    options.terminate();
                     return;
                 }
                 std::thread::park_timeout(std::time::Duration::from_millis(10));
             }
         });
+        /// Takes this thread's runs off the options again, also if `f` panics.
+        struct Installed;
+        impl Drop for Installed {
+            fn drop(&mut self) {
+                TERMINABLE.with(|t| t.borrow_mut().take());
+            }
+        }
+        let previous = TERMINABLE.with(|t| t.borrow_mut().replace(options.clone()));
+        debug_assert!(previous.is_none(), "until calls do not nest");
+        let installed = Installed;
         let result = f();
+        drop(installed);
         done.store(true, Ordering::Release);
         watcher.thread().unpark();
         let _ = watcher.join(); // it cannot panic: `stop` is the caller's, and cheap
         result
     });
     if stopped.load(Ordering::Acquire) {
-        graphs.iter().for_each(|g| g.terminate(false));
         return Ok(None);
     }
     result

@@ -677,7 +677,7 @@ impl Model {
     /// Calls `f` (this model's work for one request's prompt) so that `stop` can end it
     /// mid-run (`graph::until`): `None` once stopped.
     pub fn until<T>(&self, stop: Stop<'_>, f: impl FnOnce() -> Result<Option<T>>) -> Result<Option<T>> {
-        super::graph::until(&[&self.vision, &self.embed, &self.decoder], stop, f)
+        super::graph::until(stop, f)
     }
 
     /// Runs a prompt (`embeds` is `[positions * hidden]`) into `cache` and returns the
