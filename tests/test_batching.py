@@ -152,3 +152,26 @@ def test_generate_batch_batches_on_gqa() -> None:
         ref.generate(m, options=lfm.RequestOptions(max_new_tokens=16, repetition_penalty=1.0)).token_ids for m in msgs
     ]  # type: ignore[union-attr]
     assert e.stats["max_batch"] == 4
+
+
+@pytest.mark.parametrize("model", ["tiny16", "tiny6"])
+def test_forced_batching_on_a_cache_width_decoder_stays_exact(model: str) -> None:
+    """`batching="on"` batches a decoder that places positions by the cache width; its
+    check must run on a step whose rows differ in length. Two prompts one token apart are
+    equal in length at their first shared step (the shorter one took a step alone), so the
+    check passed there and later padded steps decoded at wrong positions."""
+    on = lfm.Engine.from_dir(MODELS / model, lfm.EngineOptions(intra_threads=1, batching="on", max_batch_size=8))
+    off = lfm.Engine.from_dir(MODELS / model, lfm.EngineOptions(intra_threads=1, batching="off"))
+    first = "Hi"
+    n = len(off.encode_prompt(first))
+    second = next(
+        p for p in (first + c for c in "abcdefghijklmnopqrstuvwxyz .!?") if len(off.encode_prompt(p)) == n + 1
+    )
+    prompts = [first, second, "Tell me a story about a cat please now", "Hi there you all"]
+    opts = lfm.RequestOptions(max_new_tokens=20, repetition_penalty=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lfm.LfmWarning)  # the fallback, once it is found out
+        got = on.generate_batch(prompts, options=opts)
+    for prompt, g in zip(prompts, got):
+        assert isinstance(g, lfm.Generation), g
+        assert g.token_ids == off.generate(prompt, options=opts).token_ids, prompt
