@@ -1,9 +1,9 @@
 //! The scheduler: one thread per engine that admits requests (vision and prefill, one at
 //! a time) between decoder steps of the running ones, and runs those steps batched.
 //! Sequences join and leave the batch between steps and keep their own sampler, seed and
-//! grammar state. The first batched step on a model is checked against the same rows run
-//! alone; if they differ, the engine decodes sequences one at a time from then on and
-//! says why once.
+//! grammar state. The first batched step on a model, and the first whose rows differ in
+//! length, are checked against the same rows run alone; if they differ, the engine decodes
+//! sequences one at a time from then on and says why once.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -107,11 +107,20 @@ struct Running {
     reply: Reply,
 }
 
+/// Which batched steps have been checked against their rows run alone.
+#[derive(Default)]
+struct Checked {
+    /// A step of two or more rows.
+    batch: bool,
+    /// A step whose rows differ in length (some padded).
+    padding: bool,
+}
+
 struct Worker {
     engine: Arc<Engine>,
     active: Vec<Running>,
     caches: Caches,
-    verified: bool,
+    checked: Checked,
     fallback_reason: Arc<Mutex<Option<String>>>,
     stats: Arc<Stats>,
 }
@@ -124,7 +133,7 @@ impl Worker {
             Batching::Auto => engine.spec().batching == BatchSemantics::MaskLengths,
         };
         let caches = if batched { Caches::Batched(engine.model().batch_new()) } else { Caches::Single(Vec::new()) };
-        Worker { engine, active: Vec::new(), caches, verified: false, fallback_reason, stats }
+        Worker { engine, active: Vec::new(), caches, checked: Checked::default(), fallback_reason, stats }
     }
 
     fn run(mut self, rx: Receiver<Job>) {
@@ -310,16 +319,17 @@ impl Worker {
             }
             Caches::Batched(batch) => {
                 let emb = embeds.concat();
-                // Rows of one length are not padded, so they batch exactly whatever the
-                // graph does with padding: only a step with rows of different lengths
-                // can show that, and the first such step is the one checked.
+                // Checked twice: on the first batched step (rows sharing a call can change
+                // each other's results, e.g. activation scales of the whole call), and on
+                // the first whose rows differ in length: rows of one length are not padded,
+                // so only such a step shows what the graph does with padding.
                 let padded = batch.lens.iter().any(|&l| l != batch.lens[0]);
-                if self.verified || !padded {
+                let check = (!self.checked.batch && batch.len() > 1) || (padded && !self.checked.padding);
+                if !check {
                     return Ok(model.decode_batch(emb, batch)?.into_iter().map(Ok).collect());
                 }
-                // First batched step with padding on this model: run the rows alone too
-                // and compare.
-                self.verified = true;
+                self.checked.batch = true;
+                self.checked.padding |= padded;
                 let alone: Vec<(HybridCache, Vec<f32>)> = (0..batch.len())
                     .map(|i| {
                         let mut c = model.batch_row(batch, i)?;
