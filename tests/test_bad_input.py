@@ -189,6 +189,41 @@ def test_decoder_without_cache_inputs_is_refused(tmp_path) -> None:  # type: ign
         lfm.Engine.from_dir(d)
 
 
+@pytest.mark.parametrize(
+    ("name", "data", "match"),
+    [
+        ("chat_template.jinja", b"{{ bos_token }}\xff\xfe", "not UTF-8"),
+        ("tokenizer_config.json", b'{"bos_token": "\xff"}', "not UTF-8"),
+        ("chat_template.jinja", b"{% for m in messages %}{{ m.content }", "does not compile"),
+    ],
+    ids=["template-bytes", "config-bytes", "template-syntax"],
+)
+def test_unreadable_text_files_are_model_load_errors(tmp_path, name: str, data: bytes, match: str) -> None:  # type: ignore[no-untyped-def]
+    """A template or config that is not UTF-8, or a template that does not compile, is a
+    model file lfm cannot load (was a bare OSError, or an InternalError "bug in lfm")."""
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(MODELS / "tiny16", d)
+    (d / name).write_bytes(data)
+    with pytest.raises(lfm.ModelLoadError, match=match) as info:
+        lfm.Engine.from_dir(d, strict=False)
+    assert name in str(info.value) and "bug in lfm" not in str(info.value)
+
+
+def test_a_vision_encoder_of_another_model_is_refused_at_load(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The exported vision graph leaves its output width symbolic: a probe at load finds
+    tiny6's encoder (96 wide) next to tiny16's decoder (64), not the first image."""
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(MODELS / "tiny16", d)
+    shutil.copy(MODELS / "tiny6" / "onnx" / "vision_encoder.onnx", d / "onnx" / "vision_encoder.onnx")
+    with pytest.raises(lfm.ModelLoadError, match="vision_encoder.onnx") as info:
+        lfm.Engine.from_dir(d, strict=False)
+    assert "expected [tokens, 64]" in str(info.value)
+
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while True:

@@ -74,8 +74,13 @@ def check_against_bundled(path: str) -> None:
     template_path = os.path.join(path, "chat_template.jinja")
     template = None
     if os.path.exists(template_path):
-        with open(template_path, encoding="utf-8") as f:
-            template = f.read()
+        try:
+            with open(template_path, encoding="utf-8") as f:
+                template = f.read()
+        except UnicodeDecodeError:
+            err = ModelLoadError(f"cannot load model file {template_path}: not UTF-8 text")
+            err.path = template_path
+            raise err from None
     else:
         try:
             with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:

@@ -54,9 +54,17 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// A model folder's text file; bytes that are not UTF-8 make it a file lfm cannot load
+/// (not an I/O failure).
+fn read_text(path: &std::path::Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidData => Error::model_load(path, "not UTF-8 text"),
+        _ => Error::io(path, e),
+    })
+}
+
 fn read_json(path: &std::path::Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::model_load(path, format!("not valid JSON: {e}")))
+    serde_json::from_str(&read_text(path)?).map_err(|e| Error::model_load(path, format!("not valid JSON: {e}")))
 }
 
 impl Engine {
@@ -69,12 +77,17 @@ impl Engine {
         };
         let template_source =
             match (&files.chat_template, tokenizer_config.as_ref().and_then(|c| c.get("chat_template"))) {
-                (Some(p), _) => std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?,
+                (Some(p), _) => read_text(p)?,
                 (None, Some(Value::String(s))) => s.clone(),
                 _ => bundled::CHAT_TEMPLATE_JINJA.to_string(),
             };
         let template = ChatTemplate::new(&template_source).map_err(|e| {
-            Error::model_load(files.chat_template.clone().unwrap_or_default(), format!("chat template: {e}"))
+            let detail = match e {
+                Error::InvalidOption { value, .. } => value,
+                other => other.to_string(),
+            };
+            let path = files.chat_template.clone().or_else(|| files.tokenizer_config.clone()).unwrap_or_default();
+            Error::model_load(path, format!("the chat template does not compile: {detail}"))
         })?;
         let tokenizer_config = match tokenizer_config {
             Some(c) => Some(c),

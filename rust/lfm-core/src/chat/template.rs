@@ -110,7 +110,7 @@ impl ChatTemplate {
         });
         env.add_function("strftime_now", |fmt: String| Civil::now().format(&fmt));
         env.add_template_owned(TEMPLATE_NAME, neutralise_generation_tags(source))
-            .map_err(|e| Error::Internal(format!("chat template does not compile: {e}")))?;
+            .map_err(|e| Error::option("template", e, "a Jinja template that compiles"))?;
         Ok(ChatTemplate { env, source: source.to_string() })
     }
 

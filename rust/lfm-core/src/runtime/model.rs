@@ -285,6 +285,7 @@ impl Model {
         spec.vision_activation_quant = vision_activation_quant;
         spec.vision_fused = vision_fused;
         let mut model = Model { spec, warnings, vision, embed, decoder };
+        model.check_vision_width()?;
         if model.spec.prefill_window_ops > 0
             && let Err(e) = model.check_prefill_window()
         {
@@ -337,6 +338,16 @@ impl Model {
     /// rounding. The window rests on the last layer reading only that many trailing
     /// positions for its last output and its new state, which the graph rewrite assumes
     /// but does not prove. A few small decoder runs at load.
+    /// Runs the vision encoder on one token's patches (2x2, zero pixels): its features must
+    /// be as wide as the decoder. The exported graph leaves that width symbolic, so a vision
+    /// encoder from another model would otherwise load and fail at the first image.
+    fn check_vision_width(&self) -> Result<()> {
+        let pd = self.spec.patch_dim;
+        self.run_vision(vec![0.0; 4 * pd], vec![1; 4], vec![2, 2], [1, 4, pd], Memory::Release).map(|_| ()).map_err(
+            |e| Error::model_load(&self.vision.path, format!("a one-token image does not fit the decoder: {e}")),
+        )
+    }
+
     fn check_prefill_window(&self) -> Result<()> {
         let width = self.spec.conv_width.max(1);
         let positions = 3 * width + 1;
