@@ -137,3 +137,75 @@ def test_runaway_template_stops() -> None:
     spin = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
     with pytest.raises(lfm.RequestRejectedError, match="fuel"):
         lfm.chat.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=spin)
+
+
+# --- messages as transformers' apply_chat_template normalises them -------------------
+
+
+def test_keys_set_to_none_are_dropped_as_transformers_does() -> None:
+    """APIs send ``tool_calls=None`` or ``content=None``; transformers drops such keys
+    before rendering (the template would write an empty tool call list)."""
+    render = lfm.chat.apply_chat_template
+    plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    with_none = [
+        {"role": "user", "content": "hi", "name": None},
+        {"role": "assistant", "content": "ok", "tool_calls": None},
+    ]
+    assert render(with_none) == render(plain)
+    assert "<|tool_call_start|>" not in render(with_none)
+
+
+@pytest.mark.parametrize("key", ["reasoning_content", "reasoning"])
+def test_reasoning_under_other_names_renders_as_thinking(key: str) -> None:
+    """transformers fills ``thinking`` (what the template reads) from ``reasoning_content``
+    or ``reasoning``."""
+    render = lfm.chat.apply_chat_template
+    turn = [{"role": "user", "content": "hi"}]
+    want = render([*turn, {"role": "assistant", "content": "A", "thinking": "R"}], add_generation_prompt=False)
+    got = render([*turn, {"role": "assistant", "content": "A", key: "R"}], add_generation_prompt=False)
+    assert got == want and "R" in got
+
+
+def test_message_objects_with_model_dump_are_read_as_dicts() -> None:
+    """The OpenAI SDK's messages are pydantic models; transformers reads their dicts."""
+    pydantic = pytest.importorskip("pydantic")
+
+    class Message(pydantic.BaseModel):  # type: ignore[misc]
+        role: str
+        content: str | None = None
+        tool_calls: list[Any] | None = None
+
+    render = lfm.chat.apply_chat_template
+    assert render([Message(role="user", content="hi")]) == render([{"role": "user", "content": "hi"}])
+
+
+def test_image_parts_may_carry_a_path_or_url(engine16: Any, tmp_path: pathlib.Path) -> None:
+    """Image parts in the forms transformers' processors read: ``path``/``url`` on an
+    image part, OpenAI's ``image_url`` (a path, file:// or base64 data: URL)."""
+    import base64
+
+    from conftest import IMAGES
+
+    image = IMAGES / "grad_64x48.png"
+    data = base64.b64encode(image.read_bytes()).decode()
+
+    def prompt(part: dict[str, Any]) -> list[int]:
+        ids: list[int] = engine16.encode_prompt([{"role": "user", "content": [part, {"type": "text", "text": "x"}]}])
+        return ids
+
+    want = engine16.encode_prompt(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}], [image]
+    )
+    for part in [
+        {"type": "image", "path": str(image)},
+        {"type": "image", "url": image.as_uri()},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
+        {"type": "image_url", "image_url": str(image)},
+    ]:
+        assert prompt(part) == want, part
+    with pytest.raises(lfm.RequestRejectedError, match="does not download") as info:
+        prompt({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}})
+    assert info.value.field == "image_url"
+    assert "<image>" in engine16.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}]}]
+    )

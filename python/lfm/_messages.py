@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -68,16 +71,15 @@ def prepare(messages: Messages, images: Images = ()) -> tuple[str, list[Any]]:
     used = 0
     out: list[Any] = []
     for m in messages:
-        if not isinstance(m, Mapping):
-            raise TypeError(f"each message must be a dict, got {type(m).__name__}")
-        msg = dict(m)
+        msg = as_transformers_reads(m)
         content = msg.get("content")
         if isinstance(content, Sequence) and not isinstance(content, str):
             new_parts = []
             for part in content:
-                if isinstance(part, Mapping) and part.get("type") == "image":
-                    if part.get("image") is not None:
-                        ordered.append(to_core(part["image"]))
+                if is_image_part(part):
+                    source = image_part_source(part)
+                    if source is not None:
+                        ordered.append(to_core(source))
                     else:
                         try:
                             ordered.append(to_core(next(pending)))
@@ -135,11 +137,77 @@ def template_json(messages: Messages) -> str:
         messages = [{"role": "user", "content": messages}]
     out = []
     for m in messages:
-        msg = dict(m)
+        msg = as_transformers_reads(m)
         content = msg.get("content")
         if isinstance(content, Sequence) and not isinstance(content, str):
-            msg["content"] = [
-                {"type": "image"} if isinstance(p, Mapping) and p.get("type") == "image" else p for p in content
-            ]
+            msg["content"] = [{"type": "image"} if is_image_part(p) else p for p in content]
         out.append(msg)
     return messages_json(out)
+
+
+# Where a message may carry its reasoning; transformers fills them all from the first set.
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+
+def as_transformers_reads(message: object) -> dict[str, Any]:
+    """A message as transformers' ``apply_chat_template`` hands it to the template: a
+    pydantic model (the OpenAI SDK's messages) as its dict, keys whose value is None
+    dropped (APIs send ``content=None`` or ``tool_calls=None``, which the template would
+    render), and the reasoning under ``thinking`` (what the template reads) when it came
+    as ``reasoning_content`` or ``reasoning``."""
+    if not isinstance(message, Mapping):
+        dump = getattr(message, "model_dump", None)
+        if not callable(dump):
+            raise TypeError(f"each message must be a dict, got {type(message).__name__}")
+        message = dump()
+        if not isinstance(message, Mapping):
+            raise TypeError(f"{type(message).__name__}.model_dump() did not give a dict")
+    msg = {k: v for k, v in message.items() if v is not None}
+    reasoning = next((msg[k] for k in _REASONING_KEYS if k in msg), None)
+    if reasoning is not None:
+        msg = {"thinking": reasoning, **msg, "reasoning_content": reasoning}
+    return msg
+
+
+def is_image_part(part: object) -> bool:
+    """An image content part: HF's ``{"type": "image", ...}`` or OpenAI's ``image_url``."""
+    return isinstance(part, Mapping) and part.get("type") in ("image", "image_url")
+
+
+def image_part_source(part: Mapping[str, Any]) -> Any:
+    """The image a part carries, in the forms transformers' processors read: ``"image"``,
+    ``"path"`` or ``"url"`` on an image part, ``{"image_url": {"url": ...}}`` on OpenAI's;
+    None when it carries none (it takes the next of ``images=``)."""
+    if part.get("type") == "image_url":
+        ref = part.get("image_url")
+        return _from_url(ref.get("url") if isinstance(ref, Mapping) else ref)
+    for key in ("image", "path"):
+        if part.get(key) is not None:
+            return part[key]
+    return _from_url(part["url"]) if part.get("url") is not None else None
+
+
+def _from_url(url: object) -> str | bytes:
+    """A local path, a ``file://`` URL or a base64 ``data:`` URL as an image source; lfm
+    downloads nothing, so web URLs are refused."""
+
+    def refuse(why: str) -> RequestRejectedError:
+        return rejected(
+            f"image URL {str(url)[:80]!r}: {why}", "image_url", str(url)[:200], "a path, file:// or data: URL"
+        )
+
+    if not isinstance(url, str):
+        raise refuse("not a string")
+    if url.startswith("data:"):
+        header, _, data = url.partition(",")
+        if not header.endswith(";base64"):
+            raise refuse("only base64 data URLs are read")
+        try:
+            return base64.b64decode(data, validate=True)
+        except binascii.Error as e:
+            raise refuse(f"not base64 ({e})") from None
+    if url.startswith("file://"):
+        return urllib.parse.unquote(urllib.parse.urlparse(url).path)
+    if "://" in url:
+        raise refuse("lfm does not download images; fetch it and pass the bytes or a path")
+    return url

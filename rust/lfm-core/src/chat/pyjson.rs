@@ -117,8 +117,10 @@ fn write_value(out: &mut String, v: &Value, opts: &DumpOptions, depth: usize) ->
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
         ValueKind::Number => {
-            if let Some(i) = v.as_i64() {
-                let _ = write!(out, "{i}");
+            // Integers as integers (u64/i128 too); a float stays a float even when it is
+            // integral (`as_i64` takes 1.0 as 1; Python writes 1.0).
+            if v.is_integer() {
+                out.push_str(&v.to_string());
             } else if let Ok(f) = f64::try_from(v.clone()) {
                 out.push_str(&py_float_repr(f));
             } else {
@@ -203,6 +205,12 @@ mod tests {
         );
         let ascii = DumpOptions { ensure_ascii: true, ..Default::default() };
         assert!(dumps(&v, &ascii).unwrap().contains("\\u00e9"));
+        // Integral floats stay floats, as json.dumps writes them; big integers stay exact.
+        let numbers = Value::from_serialize_json("[1.0, -0.0, 1e16, 18446744073709551615, -9223372036854775808]");
+        assert_eq!(
+            dumps(&numbers, &DumpOptions::default()).unwrap(),
+            "[1.0, -0.0, 1e+16, 18446744073709551615, -9223372036854775808]"
+        );
     }
 
     #[test]
