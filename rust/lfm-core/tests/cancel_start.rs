@@ -92,3 +92,16 @@ fn a_prompt_in_one_run_stops_within_the_run() {
     let again = engine.generate(&short, vec![], &opts, None, &Cancel::new(), None).unwrap();
     assert_eq!(again.finish_reason, FinishReason::Length);
 }
+
+#[test]
+fn a_panic_inside_a_stoppable_run_unwinds_instead_of_hanging() {
+    if !common::ort_available() {
+        return;
+    }
+    // The watcher thread must end when the work unwinds, or the scope joining it waits
+    // forever (the scheduler's panic guard would never see the panic).
+    let caught = std::panic::catch_unwind(|| lfm_core::runtime::graph::until::<()>(&|| false, || panic!("deliberate")));
+    assert!(caught.is_err());
+    // And the thread's runs are back on plain options: a later stoppable call works.
+    assert_eq!(lfm_core::runtime::graph::until(&|| false, || Ok(Some(7))).unwrap(), Some(7));
+}

@@ -365,20 +365,24 @@ pub fn until<T>(stop: Stop<'_>, f: impl FnOnce() -> Result<Option<T>>) -> Result
                 std::thread::park_timeout(std::time::Duration::from_millis(10));
             }
         });
-        /// Takes this thread's runs off the options again, also if `f` panics.
-        struct Installed;
-        impl Drop for Installed {
+        /// Once `f` returns, or unwinds (the scope would otherwise wait for the watcher
+        /// forever): takes this thread's runs off the options and ends the watcher.
+        struct Installed<'a> {
+            done: &'a AtomicBool,
+            watcher: std::thread::Thread,
+        }
+        impl Drop for Installed<'_> {
             fn drop(&mut self) {
                 TERMINABLE.with(|t| t.borrow_mut().take());
+                self.done.store(true, Ordering::Release);
+                self.watcher.unpark();
             }
         }
         let previous = TERMINABLE.with(|t| t.borrow_mut().replace(options.clone()));
         debug_assert!(previous.is_none(), "until calls do not nest");
-        let installed = Installed;
+        let installed = Installed { done: &done, watcher: watcher.thread().clone() };
         let result = f();
         drop(installed);
-        done.store(true, Ordering::Release);
-        watcher.thread().unpark();
         let _ = watcher.join(); // it cannot panic: `stop` is the caller's, and cheap
         result
     });
