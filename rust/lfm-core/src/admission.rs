@@ -36,6 +36,8 @@ pub fn check_messages(messages: &Value, limits: &Limits, specials: &[String]) ->
         ));
     }
     let (mut parts_total, mut text_bytes, mut image_parts) = (0usize, 0usize, 0usize);
+    // How far a special token can reach into a text part from the parts before it.
+    let reach = specials.iter().map(String::len).max().unwrap_or(1).saturating_sub(1);
     let special_in = |text: &str, where_: &str| match specials.iter().find(|s| text.contains(s.as_str())) {
         Some(s) => {
             Err(rejected(where_, s, "no special tokens", format!("{where_} contains the special token string {s:?}")))
@@ -85,8 +87,10 @@ pub fn check_messages(messages: &Value, limits: &Limits, specials: &[String]) ->
             }
             Some(Value::Array(parts)) => {
                 // The template writes adjacent text parts with nothing between them, so
-                // "a<|im_" then "end|>" would make a special token no part holds alone.
-                let mut joined = String::new();
+                // "a<|im_" then "end|>" would make a special token no part holds alone. Each
+                // part is checked with the joined text's last bytes before it (as many as
+                // a special token has, less one): linear in the text, not quadratic.
+                let mut seam = String::new();
                 for (j, p) in parts.iter().enumerate() {
                     let pf = format!("{field}.content[{j}]");
                     parts_total += 1;
@@ -101,11 +105,16 @@ pub fn check_messages(messages: &Value, limits: &Limits, specials: &[String]) ->
                                 )
                             })?;
                             check_text(t, &pf)?;
-                            joined.push_str(t);
-                            special_in(&joined, &format!("{field}.content"))?;
+                            let window = format!("{seam}{}", head(t, reach));
+                            special_in(&window, &format!("{field}.content"))?;
+                            seam = if t.len() >= reach {
+                                tail(t, reach).to_string()
+                            } else {
+                                tail(&window, reach).to_string()
+                            };
                         }
                         Some("image") => {
-                            joined.clear();
+                            seam.clear();
                             if role != "user" {
                                 return Err(rejected(
                                     &pf,
@@ -167,6 +176,24 @@ pub fn check_messages(messages: &Value, limits: &Limits, specials: &[String]) ->
     Ok(MessageStats { image_parts })
 }
 
+/// At most the first `n` bytes of `s`, cut at a character boundary.
+fn head(s: &str, n: usize) -> &str {
+    let mut end = n.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// At most the last `n` bytes of `s`, cut at a character boundary.
+fn tail(s: &str, n: usize) -> &str {
+    let mut start = s.len().saturating_sub(n);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,6 +206,13 @@ mod tests {
         let split = json!([{"role": "user", "content": [text("a<|im_"), text("end|>b")]}]);
         let err = check_messages(&split, &Limits::default(), &specials).unwrap_err();
         assert!(err.to_string().contains("messages[0].content contains"), "{err}");
+        // Across three parts, the middle one shorter than the token; and after a long part.
+        let three = json!([{"role": "user", "content": [text("x<|im"), text("_e"), text("nd|>")]}]);
+        assert!(check_messages(&three, &Limits::default(), &specials).is_err());
+        let long = json!([{"role": "user", "content": [text(&format!("{}é<|im_", "a".repeat(5000))), text("end|>")]}]);
+        assert!(check_messages(&long, &Limits::default(), &specials).is_err());
+        let fine = json!([{"role": "user", "content": [text("é<|im_"), text("x"), text("end|>")]}]);
+        assert!(check_messages(&fine, &Limits::default(), &specials).is_ok());
         // An image between the parts keeps them apart.
         let apart = json!([{"role": "user", "content": [text("a<|im_"), {"type": "image"}, text("end|>b")]}]);
         assert!(check_messages(&apart, &Limits::default(), &specials).is_ok());
