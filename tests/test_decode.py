@@ -12,7 +12,7 @@ import lfm
 import lfm.preproc
 import numpy as np
 import pytest
-from conftest import IMAGES, golden, grad
+from conftest import IMAGES, MODELS, golden, grad
 
 DEC = golden("decode.json")
 FILES = DEC["files"]
@@ -241,3 +241,27 @@ def test_decode_bytes_equals_pil_for_png() -> None:
     with Image.open(io.BytesIO(data)) as im:
         ref = np.asarray(im.convert("RGB"))
     assert np.array_equal(lfm.preproc.decode(data), ref)
+
+
+def test_a_16bit_file_over_four_bytes_per_pixel_is_read(tmp_path: pathlib.Path) -> None:
+    """``max_decoded_image_bytes`` counts 4 bytes per pixel; a 16-bit RGBA file may hold 8
+    (noise does not compress): read from a path as from bytes, not refused by its size."""
+    import struct
+    import zlib
+
+    noise = np.random.default_rng(0).integers(0, 65535, (128, 128, 4), dtype=np.uint16)
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in noise)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 128, 128, 16, 6, 0, 0, 0)  # 16-bit RGBA
+    path = tmp_path / "noise16.png"
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
+    assert path.stat().st_size > 128 * 128 * 4
+    engine = lfm.Engine.from_dir(
+        MODELS / "tiny16", lfm.EngineOptions(limits=lfm.Limits(max_decoded_image_bytes=128 * 128 * 4))
+    )
+    assert engine.encode_prompt("x", [path]) == engine.encode_prompt("x", [path.read_bytes()])

@@ -94,8 +94,10 @@ impl DecodeLimits {
 
     /// Reads an image file. Only a regular file: opening a FIFO blocks until a writer comes
     /// and a device may never end, either of which would stall every request behind this
-    /// one. At most `max_decoded_bytes`: no image file is larger than its decoded pixels.
+    /// one. At most twice `max_decoded_bytes` and 64 MiB more: the limit counts 4 bytes per
+    /// pixel, a 16-bit RGBA file may hold 8, and metadata (EXIF, ICC, XMP) comes on top.
     pub fn read_file(&self, path: &Path) -> Result<Vec<u8>> {
+        let cap = self.max_decoded_bytes.saturating_mul(2).saturating_add(64 << 20);
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         if meta.is_dir() {
             // Fails as reading any directory does, with its OS error (IsADirectoryError).
@@ -104,15 +106,14 @@ impl DecodeLimits {
         if !meta.is_file() {
             return Err(decode_err(format!("{} is not a regular file", path.display())));
         }
-        let too_large =
-            |value| Error::ImageTooLarge { field: "file size in bytes", value, limit: self.max_decoded_bytes };
-        if meta.len() > self.max_decoded_bytes {
+        let too_large = |value| Error::ImageTooLarge { field: "file size in bytes", value, limit: cap };
+        if meta.len() > cap {
             return Err(too_large(meta.len()));
         }
         let mut bytes = Vec::with_capacity(meta.len() as usize);
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        file.take(self.max_decoded_bytes + 1).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
-        if bytes.len() as u64 > self.max_decoded_bytes {
+        file.take(cap.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+        if bytes.len() as u64 > cap {
             return Err(too_large(bytes.len() as u64)); // it grew while being read
         }
         Ok(bytes)
