@@ -305,10 +305,13 @@ impl Engine {
 
     /// The raw logits row for the token after the prompt.
     pub fn next_token_logits(&self, messages: &Value, images: Vec<ImageSource>) -> Result<Vec<f32>> {
+        // Runs on the caller's thread: counted for the exit's wait, and stopped by it.
+        let _busy = crate::scheduler::Busy::start();
+        let exiting = Cancel::new();
         let prepared = self.prepare(messages, images, 0)?;
         let (_, logits) = self
-            .prefill(&prepared, &mut Timings::default(), &|| false)?
-            .ok_or_else(|| Error::Internal("a prefill that cannot stop stopped".into()))?;
+            .prefill(&prepared, &mut Timings::default(), &|| exiting.is_cancelled())?
+            .ok_or_else(|| Error::inference("prefill", "stopped: the process is exiting"))?;
         Ok(logits)
     }
 

@@ -50,8 +50,8 @@ pub struct Stats {
 /// Scheduler threads with work (running or waiting requests), in the whole process.
 static BUSY: AtomicUsize = AtomicUsize::new(0);
 
-/// Waits until no scheduler thread has work, for at most `timeout`: whether they all
-/// went idle. With `request::shut_down`, for the host process's exit.
+/// Waits until no scheduler thread (or `Busy` holder) has work, for at most `timeout`:
+/// whether they all went idle. With `request::shut_down`, for the host process's exit.
 pub fn wait_idle(timeout: Duration) -> bool {
     let end = Instant::now() + timeout;
     while BUSY.load(Ordering::Acquire) > 0 {
@@ -61,6 +61,23 @@ pub fn wait_idle(timeout: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(5));
     }
     true
+}
+
+/// Counts its holder as running model work until dropped (see `wait_idle`): for work on
+/// a caller's own thread (`Engine::next_token_logits`).
+pub struct Busy(());
+
+impl Busy {
+    pub fn start() -> Busy {
+        BUSY.fetch_add(1, Ordering::AcqRel);
+        Busy(())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        BUSY.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Handle to an engine's scheduler thread; dropping it ends the thread once idle.

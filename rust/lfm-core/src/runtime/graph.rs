@@ -355,7 +355,7 @@ pub fn until<T>(stop: Stop<'_>, f: impl FnOnce() -> Result<Option<T>>) -> Result
     let options = Arc::new(Terminable::new().map_err(|e| Error::inference("run options", e))?);
     let (done, stopped) = (AtomicBool::new(false), AtomicBool::new(false));
     let result = std::thread::scope(|scope| {
-        let watcher = scope.spawn(|| {
+        let watching = std::thread::Builder::new().name("lfm-stop-watch".into()).spawn_scoped(scope, || {
             while !done.load(Ordering::Acquire) {
                 if stop() {
                     stopped.store(true, Ordering::Release);
@@ -365,6 +365,9 @@ pub fn until<T>(stop: Stop<'_>, f: impl FnOnce() -> Result<Option<T>>) -> Result
                 std::thread::park_timeout(std::time::Duration::from_millis(10));
             }
         });
+        // No thread to be had (a process at its limit): the work runs, stoppable only
+        // between its images and chunks, as before.
+        let Ok(watcher) = watching else { return f() };
         /// Once `f` returns, or unwinds (the scope would otherwise wait for the watcher
         /// forever): takes this thread's runs off the options and ends the watcher.
         struct Installed<'a> {
