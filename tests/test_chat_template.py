@@ -209,3 +209,11 @@ def test_image_parts_may_carry_a_path_or_url(engine16: Any, tmp_path: pathlib.Pa
     assert "<image>" in engine16.apply_chat_template(
         [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}]}]
     )
+
+
+def test_reasoning_given_once_counts_once(engine16: Any) -> None:
+    """Reasoning given as ``reasoning`` becomes ``thinking``, not a second and third copy
+    counted against ``Limits.max_text_bytes``."""
+    small = lfm.Engine.from_dir(MODELS / "tiny16", lfm.EngineOptions(limits=lfm.Limits(max_text_bytes=3000)))
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A", "reasoning": "r" * 1200}]
+    assert small.encode_prompt(turns)

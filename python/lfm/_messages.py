@@ -106,6 +106,27 @@ def prepare(messages: Messages, images: Images = ()) -> tuple[str, list[Any]]:
     return messages_json(out), ordered
 
 
+def snapshot(messages: Messages, images: Images) -> tuple[Messages, Images]:
+    """The containers a request reads (the message list, each message and its content
+    list, the image list) copied, not the images themselves: for a request read later, on
+    another thread (``agenerate``)."""
+    if not isinstance(messages, str) and isinstance(messages, Sequence):
+        messages = [_copy_message(m) for m in messages]
+    if images is not None and not is_one_image(images) and not isinstance(images, Mapping):
+        images = list(images)
+    return messages, images
+
+
+def _copy_message(message: Any) -> Any:
+    if not isinstance(message, Mapping):
+        return message
+    copied = dict(message)
+    content = copied.get("content")
+    if isinstance(content, list):
+        copied["content"] = [dict(p) if isinstance(p, Mapping) else p for p in content]
+    return copied
+
+
 def messages_json(messages: list[Any]) -> str:
     """Messages as the JSON text the core reads. Objects JSON cannot hold are a
     ``TypeError``; values it holds only by extension (NaN, infinity) and strings that are
@@ -145,7 +166,7 @@ def template_json(messages: Messages) -> str:
     return messages_json(out)
 
 
-# Where a message may carry its reasoning; transformers fills them all from the first set.
+# Where a message may carry its reasoning, in transformers' order of preference.
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 
@@ -154,7 +175,9 @@ def as_transformers_reads(message: object) -> dict[str, Any]:
     pydantic model (the OpenAI SDK's messages) as its dict, keys whose value is None
     dropped (APIs send ``content=None`` or ``tool_calls=None``, which the template would
     render), and the reasoning under ``thinking`` (what the template reads) when it came
-    as ``reasoning_content`` or ``reasoning``."""
+    as ``reasoning_content`` or ``reasoning``. (transformers also copies it back to
+    ``reasoning_content``, which the template does not read; a copy would only count
+    twice against ``Limits.max_text_bytes``.)"""
     if not isinstance(message, Mapping):
         dump = getattr(message, "model_dump", None)
         if not callable(dump):
@@ -163,9 +186,10 @@ def as_transformers_reads(message: object) -> dict[str, Any]:
         if not isinstance(message, Mapping):
             raise TypeError(f"{type(message).__name__}.model_dump() did not give a dict")
     msg = {k: v for k, v in message.items() if v is not None}
-    reasoning = next((msg[k] for k in _REASONING_KEYS if k in msg), None)
-    if reasoning is not None:
-        msg = {"thinking": reasoning, **msg, "reasoning_content": reasoning}
+    if "thinking" not in msg:
+        given = next((k for k in _REASONING_KEYS if k in msg), None)
+        if given is not None:
+            msg["thinking"] = msg.pop(given)
     return msg
 
 

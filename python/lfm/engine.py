@@ -10,15 +10,15 @@ import os
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
 
-from . import _lfm, _ort
+from . import _async, _lfm, _ort
 from ._batch import Progress, collect, submit_all
 from ._images import ImageLike
-from ._messages import Images, Messages, is_one_image, prepare, rejected, template_json
+from ._messages import Images, Messages, is_one_image, prepare, rejected, snapshot, template_json
 from .bundled import check_against_bundled
 from .errors import LfmError, LfmWarning, ParseError
 from .grammar import Grammar
@@ -228,10 +228,12 @@ class Engine:
         """``generate`` for asyncio: awaits without blocking the event loop; cancelling the
         task cancels the request. The waiting happens on lfm's own threads, leaving the
         loop's default executor (``asyncio.to_thread``) free."""
-        pool = _async_pool()
+        threads = _async.pool()
         # Submitted off the loop too: converting the images (decoding a lazily opened PIL
-        # image, copying a large array) can take a while.
-        submitting = pool.submit(self._submit, messages, images, options, grammar, False)
+        # image, copying a large array) can take a while. The arguments' containers are
+        # copied here, so that changing them once this returns does not change the request.
+        messages, images = snapshot(messages, images)
+        submitting = threads.submit(self._submit, messages, images, options, grammar, False)
         try:
             handle = await asyncio.wrap_future(submitting)
         except BaseException:
@@ -239,7 +241,7 @@ class Engine:
             submitting.add_done_callback(_cancel_submitted)
             raise
         try:
-            d = await asyncio.wrap_future(pool.submit(handle.wait))
+            d = await asyncio.wrap_future(threads.submit(handle.wait))
         except BaseException:
             handle.cancel()
             raise
@@ -324,21 +326,6 @@ def _refuse_after_fork(pid: int, what: str) -> None:
 # schedulers get a few seconds to go idle, so that none runs ONNX Runtime while the
 # interpreter and ONNX Runtime tear down (it printed kernel errors then).
 atexit.register(_lfm.shutdown, 5.0)
-
-_pool_lock = threading.Lock()
-_pool: tuple[int, ThreadPoolExecutor] | None = None
-
-
-def _async_pool() -> ThreadPoolExecutor:
-    """The threads agenerate and arun wait on, one per request in flight; the loop's
-    default executor has few (cpu_count + 4 at most 32), shared with ``asyncio.to_thread``
-    and DNS lookups. Made on first use, and again in a forked child (a copied pool has no
-    threads)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(max_workers=64, thread_name_prefix="lfm-async"))
-        return _pool[1]
 
 
 def _cancel_submitted(submitting: Future[Any]) -> None:
