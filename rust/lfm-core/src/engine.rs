@@ -16,7 +16,7 @@ use crate::preproc::decode::{DecodeLimits, decode, probe};
 use crate::preproc::pixels::{Padding, preprocess_padded};
 use crate::preproc::{Preprocessor, RgbImage, TileGrid, expand_placeholders};
 use crate::request::{Cancel, Generation, ImageSource, Timings, Usage};
-use crate::runtime::graph::Stop;
+use crate::runtime::graph::{self, Stop};
 use crate::runtime::{HybridCache, Model, ModelSpec, SessionConfig};
 use crate::sequence::{Sequence, Step, TextSink};
 use crate::tokenizer::TextTokenizer;
@@ -286,14 +286,14 @@ impl Engine {
 
     /// Runs the prompt through the decoder: the cache and the next-token logits, or `None`
     /// once `stop` says so (a cancelled request): between images or prompt chunks, and
-    /// within a vision or decoder run (`Model::until`).
+    /// within a vision or decoder run (`graph::until`).
     fn prefill(
         &self,
         prepared: &Prepared,
         timings: &mut Timings,
         stop: Stop<'_>,
     ) -> Result<Option<(HybridCache, Vec<f32>)>> {
-        self.model.until(stop, || {
+        graph::until(stop, || {
             let Some(embeds) = self.prompt_embeddings(prepared, timings, stop)? else { return Ok(None) };
             let t = Instant::now();
             let mut cache = self.model.new_cache()?;

@@ -332,12 +332,6 @@ impl Model {
         Ok((Graph::load(&paths.decoder, config, warnings)?, (0, 0)))
     }
 
-    /// Runs a short prompt through the decoder once, with the window of
-    /// `load_decoder` cutting it, and in pieces no longer than the window, which the cut
-    /// leaves whole, then one more position after each; fails unless the logits agree to
-    /// rounding. The window rests on the last layer reading only that many trailing
-    /// positions for its last output and its new state, which the graph rewrite assumes
-    /// but does not prove. A few small decoder runs at load.
     /// Runs the vision encoder on one token's patches (2x2, zero pixels): its features must
     /// be as wide as the decoder. The exported graph leaves that width symbolic, so a vision
     /// encoder from another model would otherwise load and fail at the first image.
@@ -348,6 +342,12 @@ impl Model {
         )
     }
 
+    /// Runs a short prompt through the decoder once, with the window of
+    /// `load_decoder` cutting it, and in pieces no longer than the window, which the cut
+    /// leaves whole, then one more position after each; fails unless the logits agree to
+    /// rounding. The window rests on the last layer reading only that many trailing
+    /// positions for its last output and its new state, which the graph rewrite assumes
+    /// but does not prove. A few small decoder runs at load.
     fn check_prefill_window(&self) -> Result<()> {
         let width = self.spec.conv_width.max(1);
         let positions = 3 * width + 1;
@@ -683,12 +683,6 @@ impl Model {
         memory: Memory,
     ) -> Result<Vec<(String, DynValue)>> {
         self.decoder.run_bound("decoder", inputs, outputs, memory)
-    }
-
-    /// Calls `f` (this model's work for one request's prompt) so that `stop` can end it
-    /// mid-run (`graph::until`): `None` once stopped.
-    pub fn until<T>(&self, stop: Stop<'_>, f: impl FnOnce() -> Result<Option<T>>) -> Result<Option<T>> {
-        super::graph::until(stop, f)
     }
 
     /// Runs a prompt (`embeds` is `[positions * hidden]`) into `cache` and returns the
