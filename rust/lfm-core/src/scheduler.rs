@@ -47,7 +47,8 @@ pub struct Stats {
     pub max_batch: AtomicUsize,
 }
 
-/// Scheduler threads with work (running or waiting requests), in the whole process.
+/// Threads with model work (a scheduler with running or waiting requests, a `Busy`
+/// holder), in the whole process.
 static BUSY: AtomicUsize = AtomicUsize::new(0);
 
 /// Waits until no scheduler thread (or `Busy` holder) has work, for at most `timeout`:
@@ -63,8 +64,8 @@ pub fn wait_idle(timeout: Duration) -> bool {
     true
 }
 
-/// Counts its holder as running model work until dropped (see `wait_idle`): for work on
-/// a caller's own thread (`Engine::next_token_logits`).
+/// Counts its holder as running model work until dropped (see `wait_idle`): a scheduler
+/// thread with requests, or work on a caller's own thread (`Engine::next_token_logits`).
 pub struct Busy(());
 
 impl Busy {
@@ -154,15 +155,16 @@ impl Worker {
     }
 
     fn run(mut self, rx: Receiver<Job>) {
-        // Counted busy while it runs, except while it waits for a request with none.
-        BUSY.fetch_add(1, Ordering::AcqRel);
         let mut waiting: VecDeque<Job> = VecDeque::new();
         let max = self.engine.options().max_batch_size.max(1);
+        // Busy for the exit's wait from a request's arrival until the work runs out;
+        // dropped however the thread ends (unwinding too).
+        let mut busy: Option<Busy> = None;
         loop {
             if self.active.is_empty() && waiting.is_empty() {
-                BUSY.fetch_sub(1, Ordering::AcqRel);
+                drop(busy.take());
                 let job = rx.recv();
-                BUSY.fetch_add(1, Ordering::AcqRel);
+                busy = Some(Busy::start());
                 match job {
                     Ok(job) => waiting.push_back(job),
                     Err(_) => break,
@@ -192,7 +194,7 @@ impl Worker {
                 self.fail_all(e);
             }
         }
-        BUSY.fetch_sub(1, Ordering::AcqRel);
+        drop(busy);
     }
 
     fn admit(&mut self, job: Job) {
